@@ -1,0 +1,334 @@
+//! The file interface the storage engine is written against, and its real
+//! implementation over `O_DIRECT` files and the shard's monoio ring.
+//!
+//! The interface is deliberately small: positional aligned reads and writes of owned
+//! buffers, `fdatasync`, and a few namespace operations. Namespace operations (open,
+//! create with preallocation, remove, list, directory sync) are plain blocking system
+//! calls: they are rare (a segment every few hundred MiB) and cheap, and keeping them
+//! synchronous lets the engine open a file in the same step as it looks it up.
+//!
+//! Guarantees of [`DirectDisk`]:
+//! - data files are opened `O_DIRECT` (unless [`IoMode::Buffered`] was chosen
+//!   explicitly), so reads come from the device, not the page cache;
+//! - `create` preallocates with `fallocate`, so a full disk is reported when a segment is
+//!   created (ENOSPC), not in the middle of a write;
+//! - `sync_data` is `fdatasync` and `sync_dir` is `fsync` on the directory: together
+//!   they make written data and created or removed names durable.
+//!
+//! Offsets, lengths and buffer addresses must be multiples of the alignment reported by
+//! [`DirectDisk::alignment`]; the engine asserts this before submitting.
+
+use std::fs::{self, OpenOptions};
+use std::future::Future;
+use std::io;
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+use monoio::buf::IoBufMut;
+
+use crate::buf::{AlignedBuf, BUF_ALIGN};
+
+/// A namespace of files: a real directory tree, or the simulator's.
+pub trait Disk: Clone + 'static {
+    type File: DiskFile;
+
+    /// Opens an existing file for reading and writing.
+    fn open(&self, path: &Path) -> io::Result<Self::File>;
+    /// Creates a new file (it must not exist) with `len_bytes` preallocated.
+    fn create(&self, path: &Path, len_bytes: u64) -> io::Result<Self::File>;
+    fn remove(&self, path: &Path) -> io::Result<()>;
+    /// Names of the files in `dir`.
+    fn list(&self, dir: &Path) -> io::Result<Vec<String>>;
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()>;
+    /// Makes the creation and removal of names in `dir` durable.
+    fn sync_dir(&self, dir: &Path) -> io::Result<()>;
+    /// Alignment every offset, length and buffer address must have.
+    fn alignment(&self) -> usize;
+}
+
+/// An open file. Operations take and return owned buffers.
+pub trait DiskFile: Clone + 'static {
+    /// Reads exactly `len` bytes at `offset`, appending them to `buf` (after
+    /// `buf.len()`, which must be aligned). Reading past the end of the file is an error
+    /// (`UnexpectedEof`); on error `buf.len()` is unchanged.
+    fn read_at(
+        &self,
+        buf: AlignedBuf,
+        offset: u64,
+        len: usize,
+    ) -> impl Future<Output = (io::Result<()>, AlignedBuf)>;
+    /// Writes all of `buf.as_slice()` at `offset`.
+    fn write_at(
+        &self,
+        buf: AlignedBuf,
+        offset: u64,
+    ) -> impl Future<Output = (io::Result<()>, AlignedBuf)>;
+    /// Makes every completed write to this file durable (`fdatasync`).
+    fn sync_data(&self) -> impl Future<Output = io::Result<()>>;
+    /// The file's size in bytes.
+    fn len_bytes(&self) -> io::Result<u64>;
+}
+
+/// How a [`DirectDisk`] opens files.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IoMode {
+    /// `O_DIRECT`: the default, and the only mode for benchmarks.
+    Direct,
+    /// Buffered I/O through the page cache, for file systems without `O_DIRECT`
+    /// (tmpfs). Chosen explicitly and logged; durability still comes from fdatasync.
+    Buffered,
+}
+
+/// Files under a real directory, opened for direct I/O and driven by monoio.
+#[derive(Clone, Debug)]
+pub struct DirectDisk {
+    mode: IoMode,
+    alignment: usize,
+}
+
+impl DirectDisk {
+    /// A disk for files under `dir` (which must exist). In [`IoMode::Direct`], checks
+    /// that the file system supports `O_DIRECT` there and learns its alignment; fails
+    /// with a message naming the problem if it does not.
+    pub fn probe(dir: &Path, mode: IoMode) -> io::Result<DirectDisk> {
+        if mode == IoMode::Buffered {
+            return Ok(DirectDisk {
+                mode,
+                alignment: BUF_ALIGN,
+            });
+        }
+        let probe_path = dir.join(".graviton-dio-probe");
+        let _ = fs::remove_file(&probe_path);
+        let opened = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&probe_path);
+        let file = match opened {
+            Ok(file) => file,
+            Err(error) if error.raw_os_error() == Some(libc::EINVAL) => {
+                let _ = fs::remove_file(&probe_path);
+                return Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    format!(
+                        "the file system holding {} does not support O_DIRECT (tmpfs?); \
+                         put the data directory on ext4 or xfs, or allow buffered I/O explicitly",
+                        dir.display()
+                    ),
+                ));
+            }
+            Err(error) => return Err(error),
+        };
+        let reported = dio_alignment(&file);
+        drop(file);
+        let _ = fs::remove_file(&probe_path);
+        let alignment = match reported {
+            Some(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    format!(
+                        "statx reports no direct I/O support for files in {}; \
+                         allow buffered I/O explicitly or use another file system",
+                        dir.display()
+                    ),
+                ))
+            }
+            Some(align) => align.max(BUF_ALIGN),
+            None => BUF_ALIGN,
+        };
+        if alignment > BUF_ALIGN {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!(
+                    "direct I/O in {} needs {alignment}-byte alignment; Graviton supports up to {BUF_ALIGN}",
+                    dir.display()
+                ),
+            ));
+        }
+        Ok(DirectDisk { mode, alignment })
+    }
+
+    pub fn mode(&self) -> IoMode {
+        self.mode
+    }
+
+    fn options(&self) -> OpenOptions {
+        let mut options = OpenOptions::new();
+        options.read(true).write(true);
+        if self.mode == IoMode::Direct {
+            options.custom_flags(libc::O_DIRECT);
+        }
+        options
+    }
+}
+
+/// The larger of `stx_dio_mem_align` and `stx_dio_offset_align` for an open file, from
+/// `statx(STATX_DIOALIGN)` (Linux 6.1+); `Some(0)` if the file system says direct I/O
+/// is unsupported; `None` if the kernel or file system does not report it.
+pub fn dio_alignment(file: &fs::File) -> Option<usize> {
+    // SAFETY: statx is plain old data; all-zero is a valid value.
+    #[allow(unsafe_code)]
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    let empty = c"";
+    // SAFETY: the fd is open for the duration of the call, the path is a valid C string,
+    // and `stx` is a valid out-pointer.
+    #[allow(unsafe_code)]
+    let rc = unsafe {
+        libc::statx(
+            file.as_raw_fd(),
+            empty.as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_DIOALIGN,
+            &mut stx,
+        )
+    };
+    if rc != 0 || stx.stx_mask & libc::STATX_DIOALIGN == 0 {
+        return None;
+    }
+    Some((stx.stx_dio_mem_align as usize).max(stx.stx_dio_offset_align as usize))
+}
+
+fn fallocate(file: &fs::File, len_bytes: u64) -> io::Result<()> {
+    if len_bytes == 0 {
+        return Ok(());
+    }
+    // SAFETY: the fd is open for writing for the duration of the call.
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len_bytes as libc::off_t) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+impl Disk for DirectDisk {
+    type File = DirectFile;
+
+    fn open(&self, path: &Path) -> io::Result<DirectFile> {
+        let std = self.options().open(path)?;
+        DirectFile::new(std, path)
+    }
+
+    fn create(&self, path: &Path, len_bytes: u64) -> io::Result<DirectFile> {
+        let std = self.options().create_new(true).open(path)?;
+        if let Err(error) = fallocate(&std, len_bytes) {
+            drop(std);
+            let _ = fs::remove_file(path);
+            return Err(error);
+        }
+        DirectFile::new(std, path)
+    }
+
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        fs::remove_file(path)
+    }
+
+    fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
+        let mut names = Vec::new();
+        for entry in fs::read_dir(dir)? {
+            let entry = entry?;
+            if entry.file_type()?.is_file() {
+                names.push(entry.file_name().to_string_lossy().into_owned());
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
+        fs::create_dir_all(dir)
+    }
+
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        fs::File::open(dir)?.sync_all()
+    }
+
+    fn alignment(&self) -> usize {
+        self.alignment
+    }
+}
+
+/// A file of a [`DirectDisk`]: a monoio file (shared by the shard's tasks).
+#[derive(Clone)]
+pub struct DirectFile {
+    file: Rc<monoio::fs::File>,
+    len_probe: Rc<fs::File>,
+    path: Rc<PathBuf>,
+}
+
+impl DirectFile {
+    fn new(std: fs::File, path: &Path) -> io::Result<DirectFile> {
+        let len_probe = std.try_clone()?;
+        Ok(DirectFile {
+            file: Rc::new(monoio::fs::File::from_std(std)?),
+            len_probe: Rc::new(len_probe),
+            path: Rc::new(path.to_path_buf()),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl DiskFile for DirectFile {
+    async fn read_at(
+        &self,
+        buf: AlignedBuf,
+        offset: u64,
+        len: usize,
+    ) -> (io::Result<()>, AlignedBuf) {
+        let start = buf.len();
+        assert!(
+            start + len <= buf.capacity(),
+            "read of {len} bytes overflows the buffer"
+        );
+        let slice = buf.slice_mut(start..start + len);
+        let (result, slice) = self.file.read_exact_at(slice, offset).await;
+        let mut buf = slice.into_inner();
+        buf.set_len(if result.is_ok() { start + len } else { start });
+        (result, buf)
+    }
+
+    async fn write_at(&self, buf: AlignedBuf, offset: u64) -> (io::Result<()>, AlignedBuf) {
+        self.file.write_all_at(buf, offset).await
+    }
+
+    async fn sync_data(&self) -> io::Result<()> {
+        self.file.sync_data().await
+    }
+
+    fn len_bytes(&self) -> io::Result<u64> {
+        Ok(self.len_probe.metadata()?.len())
+    }
+}
+
+/// An exclusive advisory lock on a directory, held until dropped, so that two processes
+/// never open one data directory.
+pub struct DirLock {
+    _file: fs::File,
+}
+
+impl DirLock {
+    /// Locks `dir/LOCK`, failing at once (`WouldBlock`) if another process holds it.
+    pub fn acquire(dir: &Path) -> io::Result<DirLock> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(dir.join("LOCK"))?;
+        // SAFETY: the fd is open for the duration of the call; flock has no memory effects.
+        #[allow(unsafe_code)]
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(DirLock { _file: file })
+    }
+}

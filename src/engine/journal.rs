@@ -1,0 +1,465 @@
+//! The owner side of durability: a shard's journal, with group commit, rotation and
+//! checkpoints.
+//!
+//! Records are *staged* in memory and made durable by whichever caller finds no flush
+//! running: it takes everything staged, writes it after the durable end of the log
+//! (rewriting the partial last block with the same prefix), `fdatasync`s, applies the
+//! records to the shard's index, and wakes every waiter whose records were in the
+//! batch. Commits that arrive during a flush share the next one (group commit).
+//!
+//! Guarantees:
+//! - a record is applied to the index only after it is durable, so reads, stats and
+//!   listings never see a blob whose commit could still be lost;
+//! - a failed write or fdatasync poisons the shard: no more records are accepted, and
+//!   nothing is retried (the page cache may already have dropped the data);
+//! - when the journal file is full it rotates: a new journal is created and made durable
+//!   first, then the old one is sealed, then the index is snapshotted into a checkpoint
+//!   for the new generation in the background; once that checkpoint is durable, older
+//!   journals and checkpoints are removed. Reopening reads one checkpoint and the
+//!   journals after it, so it grows with live blobs, not with history.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+use graviton_io::buf::round_down_u64;
+use graviton_io::{AlignedBuf, Disk, DiskFile};
+
+use super::error::{Error, Result};
+use super::format::{self, Record, ALIGN, HEADER_BYTES, UNIT_BYTES};
+use super::index::{Entry, Index};
+use super::signal::Signal;
+use super::types::BlobKey;
+
+/// Room kept at the end of every journal for its Seal record.
+const SEAL_RESERVE: u64 = 64;
+
+pub struct Journal<D: Disk> {
+    disk: D,
+    shard: usize,
+    dir: PathBuf,
+    capacity_bytes: u64,
+    state: RefCell<State<D::File>>,
+    /// Count of records durable and applied (tickets are record counts).
+    durable: Signal,
+    poisoned: Rc<Cell<bool>>,
+    checkpointing: Rc<Cell<bool>>,
+}
+
+struct State<F> {
+    file: F,
+    generation: u64,
+    /// File offset where the durable record stream ends.
+    end: u64,
+    /// Bytes of the block holding `end`, from its start up to `end`.
+    tail: Vec<u8>,
+    staged: Vec<u8>,
+    staged_records: Vec<Record>,
+    /// Tickets handed out (records staged so far).
+    next_ticket: u64,
+    flushing: bool,
+    /// Keys with a staged record not yet applied, and how many.
+    pending: HashMap<BlobKey, u32>,
+}
+
+impl<D: Disk> Journal<D> {
+    /// Starts a new journal of generation `generation` in `dir` (the previous one, if
+    /// any, must already be sealed).
+    pub fn create(
+        disk: D,
+        shard: usize,
+        dir: &Path,
+        generation: u64,
+        capacity_bytes: u64,
+        poisoned: Rc<Cell<bool>>,
+    ) -> Result<Journal<D>> {
+        let file = create_journal_file(&disk, shard, dir, generation, capacity_bytes)?;
+        Ok(Journal {
+            disk,
+            shard,
+            dir: dir.to_path_buf(),
+            capacity_bytes,
+            state: RefCell::new(State {
+                file,
+                generation,
+                end: HEADER_BYTES,
+                tail: Vec::new(),
+                staged: Vec::new(),
+                staged_records: Vec::new(),
+                next_ticket: 0,
+                flushing: false,
+                pending: HashMap::new(),
+            }),
+            durable: Signal::default(),
+            poisoned,
+            checkpointing: Rc::new(Cell::new(false)),
+        })
+    }
+
+    /// Continues an existing journal whose valid records end at `end`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn resume(
+        disk: D,
+        shard: usize,
+        dir: &Path,
+        generation: u64,
+        file: D::File,
+        end: u64,
+        tail: Vec<u8>,
+        capacity_bytes: u64,
+        poisoned: Rc<Cell<bool>>,
+    ) -> Journal<D> {
+        Journal {
+            disk,
+            shard,
+            dir: dir.to_path_buf(),
+            capacity_bytes,
+            state: RefCell::new(State {
+                file,
+                generation,
+                end,
+                tail,
+                staged: Vec::new(),
+                staged_records: Vec::new(),
+                next_ticket: 0,
+                flushing: false,
+                pending: HashMap::new(),
+            }),
+            durable: Signal::default(),
+            poisoned,
+            checkpointing: Rc::new(Cell::new(false)),
+        }
+    }
+
+    /// Starts writing a checkpoint of `index` for the current generation.
+    pub fn checkpoint_now(&self, index: &RefCell<Index>) {
+        let snapshot = index.borrow().snapshot();
+        self.start_checkpoint(self.generation(), snapshot);
+    }
+
+    /// Writes the header of a fresh journal file; made durable with the directory.
+    pub async fn init(&self) -> Result<()> {
+        let (file, generation) = {
+            let state = self.state.borrow();
+            (state.file_clone(), state.generation)
+        };
+        let header = format::encode_header(format::JOURNAL_MAGIC, self.shard, generation);
+        let path = self.path_of(generation);
+        write_bytes(&file, &path, 0, &header).await?;
+        file.sync_data()
+            .await
+            .map_err(|e| Error::io("fdatasync", &path, 0, e))?;
+        self.disk
+            .sync_dir(&self.dir)
+            .map_err(|e| Error::io("fsync dir", &self.dir, 0, e))
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.state.borrow().generation
+    }
+
+    fn path_of(&self, generation: u64) -> PathBuf {
+        self.dir.join(format::journal_file_name(generation))
+    }
+
+    /// True if a record for `key` is staged but not yet durable.
+    pub fn is_pending(&self, key: &BlobKey) -> bool {
+        self.state.borrow().pending.contains_key(key)
+    }
+
+    /// Stages `record`; returns its ticket for [`Journal::wait`].
+    pub fn stage(&self, record: Record) -> Result<u64> {
+        if self.poisoned.get() {
+            return Err(Error::Poisoned { shard: self.shard });
+        }
+        let mut state = self.state.borrow_mut();
+        if let Some(key) = record_key(&record) {
+            *state.pending.entry(key).or_default() += 1;
+        }
+        format::encode_record(&record, &mut state.staged);
+        state.staged_records.push(record);
+        state.next_ticket += 1;
+        Ok(state.next_ticket)
+    }
+
+    /// The ticket of the newest staged record (0 if none).
+    pub fn last_ticket(&self) -> u64 {
+        self.state.borrow().next_ticket
+    }
+
+    /// Waits until the record with `ticket` is durable and applied to `index`, flushing
+    /// if no flush is running.
+    pub async fn wait(&self, ticket: u64, index: &RefCell<Index>) -> Result<()> {
+        loop {
+            let seen = self.durable.generation();
+            if self.durable.value() >= ticket {
+                return Ok(());
+            }
+            if self.poisoned.get() {
+                return Err(Error::Poisoned { shard: self.shard });
+            }
+            let start = {
+                let mut state = self.state.borrow_mut();
+                !std::mem::replace(&mut state.flushing, true)
+            };
+            if start {
+                let result = self.flush(index).await;
+                self.state.borrow_mut().flushing = false;
+                self.durable.notify(); // waiters re-check: durable, poisoned, or flush again
+                result?;
+            } else {
+                self.durable.changed(seen).await;
+            }
+        }
+    }
+
+    async fn flush(&self, index: &RefCell<Index>) -> Result<()> {
+        let (bytes, records, ticket) = {
+            let mut state = self.state.borrow_mut();
+            (
+                std::mem::take(&mut state.staged),
+                std::mem::take(&mut state.staged_records),
+                state.next_ticket,
+            )
+        };
+        if records.is_empty() {
+            return Ok(());
+        }
+        let fits = {
+            let state = self.state.borrow();
+            state.end + bytes.len() as u64 + SEAL_RESERVE <= self.capacity_bytes
+        };
+        if !fits {
+            if let Err(error) = self.rotate(index).await {
+                self.unstage(&records);
+                return Err(error);
+            }
+        }
+        if let Err(error) = self.append_durably(&bytes).await {
+            self.poisoned.set(true);
+            return Err(error);
+        }
+        let mut state = self.state.borrow_mut();
+        let mut index = index.borrow_mut();
+        for record in records {
+            if let Some(key) = record_key(&record) {
+                if let Some(count) = state.pending.get_mut(&key) {
+                    *count -= 1;
+                    if *count == 0 {
+                        state.pending.remove(&key);
+                    }
+                }
+            }
+            index.apply(record);
+        }
+        drop(index);
+        drop(state);
+        self.durable.raise(ticket);
+        Ok(())
+    }
+
+    /// Forgets records of a batch that could not be written (nothing reached the disk).
+    fn unstage(&self, records: &[Record]) {
+        let mut state = self.state.borrow_mut();
+        for record in records {
+            if let Some(key) = record_key(record) {
+                if let Some(count) = state.pending.get_mut(&key) {
+                    *count -= 1;
+                    if *count == 0 {
+                        state.pending.remove(&key);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Writes `bytes` at the durable end (with the partial last block rewritten in
+    /// front of them) and fdatasyncs.
+    async fn append_durably(&self, bytes: &[u8]) -> Result<()> {
+        let (file, path, block_start, mut image) = {
+            let state = self.state.borrow();
+            let block_start = round_down_u64(state.end, ALIGN);
+            let mut image = state.tail.clone();
+            image.extend_from_slice(bytes);
+            (
+                state.file_clone(),
+                self.path_of(state.generation),
+                block_start,
+                image,
+            )
+        };
+        let new_end = block_start + image.len() as u64;
+        let tail_start = round_down_u64(new_end, ALIGN) - block_start;
+        let tail = image[tail_start as usize..].to_vec();
+        image.resize(image.len().next_multiple_of(ALIGN as usize), 0);
+        write_bytes(&file, &path, block_start, &image).await?;
+        file.sync_data()
+            .await
+            .map_err(|e| Error::io("fdatasync", &path, block_start, e))?;
+        let mut state = self.state.borrow_mut();
+        state.end = new_end;
+        state.tail = tail;
+        Ok(())
+    }
+
+    /// Seals the current journal and switches to a new one (created and made durable
+    /// first, so a full disk leaves the current journal as it was). Then snapshots the
+    /// index into a checkpoint for the new generation, in the background.
+    pub async fn rotate(&self, index: &RefCell<Index>) -> Result<()> {
+        let old_generation = self.generation();
+        let new_generation = old_generation + 1;
+        let file = create_journal_file(
+            &self.disk,
+            self.shard,
+            &self.dir,
+            new_generation,
+            self.capacity_bytes,
+        )?;
+        let header = format::encode_header(format::JOURNAL_MAGIC, self.shard, new_generation);
+        let new_path = self.path_of(new_generation);
+        write_bytes(&file, &new_path, 0, &header).await?;
+        file.sync_data()
+            .await
+            .map_err(|e| Error::io("fdatasync", &new_path, 0, e))?;
+        self.disk
+            .sync_dir(&self.dir)
+            .map_err(|e| Error::io("fsync dir", &self.dir, 0, e))?;
+        let mut seal = Vec::new();
+        format::encode_record(&Record::Seal, &mut seal);
+        if let Err(error) = self.append_durably(&seal).await {
+            self.poisoned.set(true);
+            return Err(error);
+        }
+        {
+            let mut state = self.state.borrow_mut();
+            state.file = file;
+            state.generation = new_generation;
+            state.end = HEADER_BYTES;
+            state.tail.clear();
+        }
+        let snapshot = index.borrow().snapshot();
+        self.start_checkpoint(new_generation, snapshot);
+        Ok(())
+    }
+
+    fn start_checkpoint(&self, generation: u64, snapshot: Vec<(BlobKey, Rc<Entry>)>) {
+        if self.checkpointing.replace(true) {
+            return; // one at a time; a later rotation checkpoints again
+        }
+        let writer = CheckpointWriter {
+            disk: self.disk.clone(),
+            shard: self.shard,
+            dir: self.dir.clone(),
+        };
+        let busy = self.checkpointing.clone();
+        monoio::spawn(async move {
+            match writer.write(generation, snapshot).await {
+                Ok(()) => writer.remove_older_than(generation),
+                Err(error) => tracing::warn!(
+                    shard = writer.shard,
+                    %error,
+                    "checkpoint failed; the journals it would replace are kept"
+                ),
+            }
+            busy.set(false);
+        });
+    }
+}
+
+/// Writes a checkpoint file from an index snapshot.
+struct CheckpointWriter<D: Disk> {
+    disk: D,
+    shard: usize,
+    dir: PathBuf,
+}
+
+impl<D: Disk> CheckpointWriter<D> {
+    async fn write(&self, generation: u64, snapshot: Vec<(BlobKey, Rc<Entry>)>) -> Result<()> {
+        let path = self.dir.join(format::checkpoint_file_name(generation));
+        let _ = self.disk.remove(&path); // a leftover from a crash during an earlier try
+        let file = self
+            .disk
+            .create(&path, 0)
+            .map_err(|e| Error::io("create", &path, 0, e))?;
+        let mut out = format::encode_header(format::CHECKPOINT_MAGIC, self.shard, generation);
+        let mut offset = 0u64;
+        let count = snapshot.len() as u64;
+        for (key, entry) in snapshot {
+            format::encode_record(&Record::Put(entry.to_put(key)), &mut out);
+            if out.len() as u64 >= UNIT_BYTES {
+                let whole = round_down_u64(out.len() as u64, ALIGN) as usize;
+                write_bytes(&file, &path, offset, &out[..whole]).await?;
+                offset += whole as u64;
+                out.drain(..whole);
+            }
+        }
+        format::encode_record(&Record::End { count }, &mut out);
+        out.resize(out.len().next_multiple_of(ALIGN as usize), 0);
+        write_bytes(&file, &path, offset, &out).await?;
+        file.sync_data()
+            .await
+            .map_err(|e| Error::io("fdatasync", &path, 0, e))?;
+        self.disk
+            .sync_dir(&self.dir)
+            .map_err(|e| Error::io("fsync dir", &self.dir, 0, e))
+    }
+
+    /// Removes journals and checkpoints older than `generation`, whose content the
+    /// durable checkpoint of `generation` now holds.
+    fn remove_older_than(&self, generation: u64) {
+        let Ok(names) = self.disk.list(&self.dir) else {
+            return;
+        };
+        for name in names {
+            let old = format::parse_generation(&name, "journal-", ".log")
+                .or_else(|| format::parse_generation(&name, "checkpoint-", ".idx"));
+            if old.is_some_and(|g| g < generation) {
+                let _ = self.disk.remove(&self.dir.join(&name));
+            }
+        }
+        let _ = self.disk.sync_dir(&self.dir);
+    }
+}
+
+fn create_journal_file<D: Disk>(
+    disk: &D,
+    shard: usize,
+    dir: &Path,
+    generation: u64,
+    capacity_bytes: u64,
+) -> Result<D::File> {
+    let _ = shard;
+    let path = dir.join(format::journal_file_name(generation));
+    disk.create(&path, capacity_bytes)
+        .map_err(|e| Error::io("create", &path, 0, e))
+}
+
+/// Writes `bytes` (aligned length) at `offset` through an aligned buffer.
+pub async fn write_bytes<F: DiskFile>(
+    file: &F,
+    path: &Path,
+    offset: u64,
+    bytes: &[u8],
+) -> Result<()> {
+    debug_assert_eq!(bytes.len() as u64 % ALIGN, 0);
+    debug_assert_eq!(offset % ALIGN, 0);
+    let mut buf = AlignedBuf::zeroed(bytes.len());
+    buf.extend_from_slice(bytes);
+    let (result, _) = file.write_at(buf, offset).await;
+    result.map_err(|e| Error::io("write", path, offset, e))
+}
+
+fn record_key(record: &Record) -> Option<BlobKey> {
+    match record {
+        Record::Put(put) => Some(put.key),
+        Record::Delete { key } | Record::Relocate { key, .. } => Some(*key),
+        Record::Seal | Record::End { .. } => None,
+    }
+}
+
+impl<F: DiskFile> State<F> {
+    fn file_clone(&self) -> F {
+        self.file.clone()
+    }
+}

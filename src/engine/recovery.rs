@@ -1,0 +1,308 @@
+//! Opening a shard: rebuilding its index from its newest valid checkpoint and the
+//! journals after it, then starting a fresh journal.
+//!
+//! Guarantees:
+//! - every record that was durable before the crash is applied, in order; a torn tail of
+//!   the newest journal is ignored (those records were never acknowledged);
+//! - a damaged record anywhere else (a journal that is not the newest but has no Seal,
+//!   while a newer one has records) fails the open with [`Error::Corrupt`] rather than
+//!   silently losing acknowledged blobs;
+//! - an invalid or incomplete checkpoint is skipped in favour of an older one and the
+//!   journals it still needs (they are removed only after a newer checkpoint is durable);
+//! - the work is proportional to the live blobs (one checkpoint) plus the journals
+//!   written since that checkpoint, not to the store's history.
+
+use std::cell::{Cell, RefCell};
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::Arc;
+
+use graviton_io::buf::round_down_u64;
+use graviton_io::{AlignedBuf, BufPool, Disk, DiskFile};
+use tokio::sync::mpsc;
+
+use super::error::{Error, Result};
+use super::format::{self, Decoded, Record, SegmentId, ALIGN, HEADER_BYTES, UNIT_BYTES};
+use super::index::Index;
+use super::journal::Journal;
+use super::segments::{shard_dir_name, Segments};
+use super::shard::{Request, Shard};
+use super::{EngineConfig, ShardStatus};
+
+/// How a scan of a log ended.
+struct ScanEnd {
+    /// File offset just past the last valid record.
+    end: u64,
+    /// Bytes of the block holding `end`, from the block's start up to `end`.
+    tail: Vec<u8>,
+    sealed: bool,
+    records: u64,
+    /// The count of a checkpoint's End record, if one was found.
+    end_count: Option<u64>,
+}
+
+/// Reads the records of a journal or checkpoint file in order, calling `apply` for
+/// each, until the end of the log, a torn or invalid record, or a Seal/End record.
+/// `None` if the header is not valid (an unfinished file).
+async fn scan_log<F: DiskFile>(
+    file: &F,
+    path: &Path,
+    magic: [u8; 8],
+    mut apply: impl FnMut(Record),
+) -> Result<Option<ScanEnd>> {
+    let file_len = file
+        .len_bytes()
+        .map_err(|e| Error::io("stat", path, 0, e))?;
+    if file_len < HEADER_BYTES {
+        return Ok(None);
+    }
+    let header = read_aligned(file, path, 0, HEADER_BYTES).await?;
+    if format::decode_header(magic, header.as_slice()).is_none() {
+        return Ok(None);
+    }
+    let mut window: Vec<u8> = Vec::new();
+    let mut window_at = HEADER_BYTES; // file offset of window[0]
+    let mut cursor = 0usize; // position in window
+    let mut next_read = HEADER_BYTES;
+    let mut scan = ScanEnd {
+        end: HEADER_BYTES,
+        tail: Vec::new(),
+        sealed: false,
+        records: 0,
+        end_count: None,
+    };
+    loop {
+        let decoded = format::decode_record(&window[cursor..]);
+        let need_more = match decoded {
+            Decoded::Truncated => true,
+            Decoded::End => window.len() - cursor < format::FRAME_BYTES,
+            Decoded::Record(..) | Decoded::Invalid => false,
+        };
+        if need_more && next_read < file_len {
+            // Drop what was consumed, then read the next unit.
+            let keep_from = round_down_u64(cursor as u64, ALIGN) as usize;
+            window.drain(..keep_from);
+            window_at += keep_from as u64;
+            cursor -= keep_from;
+            let len = UNIT_BYTES.min(file_len - next_read);
+            let unit = read_aligned(file, path, next_read, len).await?;
+            window.extend_from_slice(unit.as_slice());
+            next_read += len;
+            continue;
+        }
+        let Decoded::Record(record, used) = decoded else {
+            break;
+        };
+        cursor += used;
+        scan.records += 1;
+        match record {
+            Record::Seal => {
+                scan.sealed = true;
+                break;
+            }
+            Record::End { count } => {
+                scan.end_count = Some(count);
+                break;
+            }
+            other => apply(other),
+        }
+    }
+    scan.end = window_at + cursor as u64;
+    let block = round_down_u64(scan.end, ALIGN);
+    if block >= window_at {
+        scan.tail = window[(block - window_at) as usize..cursor].to_vec();
+    } else {
+        let head = read_aligned(file, path, block, ALIGN).await?;
+        scan.tail = head.as_slice()[..(scan.end - block) as usize].to_vec();
+    }
+    Ok(Some(scan))
+}
+
+async fn read_aligned<F: DiskFile>(
+    file: &F,
+    path: &Path,
+    offset: u64,
+    len: u64,
+) -> Result<AlignedBuf> {
+    let buf = AlignedBuf::zeroed(len as usize);
+    let (result, buf) = file.read_at(buf, offset, len as usize).await;
+    result.map_err(|e| Error::io("read", path, offset, e))?;
+    Ok(buf)
+}
+
+fn generations(names: &[String], prefix: &str, suffix: &str) -> Vec<u64> {
+    let mut found: Vec<u64> = names
+        .iter()
+        .filter_map(|n| format::parse_generation(n, prefix, suffix))
+        .collect();
+    found.sort_unstable();
+    found
+}
+
+/// Loads the checkpoint of `generation`; `None` if it is incomplete or damaged.
+async fn load_checkpoint<D: Disk>(disk: &D, dir: &Path, generation: u64) -> Result<Option<Index>> {
+    let path = dir.join(format::checkpoint_file_name(generation));
+    let file = disk
+        .open(&path)
+        .map_err(|e| Error::io("open", &path, 0, e))?;
+    let mut index = Index::default();
+    let mut puts = 0u64;
+    let scan = scan_log(&file, &path, format::CHECKPOINT_MAGIC, |record| {
+        if matches!(record, Record::Put(_)) {
+            puts += 1;
+        }
+        index.apply(record);
+    })
+    .await?;
+    match scan {
+        Some(ScanEnd {
+            end_count: Some(count),
+            ..
+        }) if count == puts => Ok(Some(index)),
+        _ => {
+            tracing::warn!(path = %path.display(), "ignoring an incomplete checkpoint");
+            Ok(None)
+        }
+    }
+}
+
+/// Everything a shard needs besides its recovered state.
+pub struct ShardWiring {
+    pub id: usize,
+    pub count: usize,
+    pub config: Rc<EngineConfig>,
+    pub root: PathBuf,
+    pub peers: Vec<mpsc::Sender<Request>>,
+    pub status: Arc<ShardStatus>,
+}
+
+/// Opens shard `wiring.id` over `disk`: recovers its index and starts a new journal.
+pub async fn open_shard<D: Disk>(disk: D, wiring: ShardWiring) -> Result<Rc<Shard<D>>> {
+    let config = wiring.config.clone();
+    let dir = wiring.root.join(shard_dir_name(wiring.id));
+    disk.create_dir_all(&dir)
+        .map_err(|e| Error::io("mkdir", &dir, 0, e))?;
+    disk.sync_dir(&wiring.root)
+        .map_err(|e| Error::io("fsync dir", &wiring.root, 0, e))?;
+    let names = disk.list(&dir).map_err(|e| Error::io("list", &dir, 0, e))?;
+
+    let mut index = Index::default();
+    let mut base = None;
+    for generation in generations(&names, "checkpoint-", ".idx").into_iter().rev() {
+        if let Some(loaded) = load_checkpoint(&disk, &dir, generation).await? {
+            index = loaded;
+            base = Some(generation);
+            break;
+        }
+    }
+    let journals: Vec<u64> = generations(&names, "journal-", ".log")
+        .into_iter()
+        .filter(|g| base.is_none_or(|b| *g >= b))
+        .collect();
+    let index = RefCell::new(index);
+    let mut scans = Vec::new();
+    for &generation in &journals {
+        let path = dir.join(format::journal_file_name(generation));
+        let file = disk
+            .open(&path)
+            .map_err(|e| Error::io("open", &path, 0, e))?;
+        let scan = scan_log(&file, &path, format::JOURNAL_MAGIC, |record| {
+            index.borrow_mut().apply(record)
+        })
+        .await?;
+        scans.push((generation, file, scan));
+    }
+    // A journal that is not the newest must be sealed, unless no newer one has records
+    // (a crash between creating the newer journal and sealing this one).
+    for (i, (generation, _, scan)) in scans.iter().enumerate() {
+        let unsealed = scan.as_ref().is_some_and(|s| !s.sealed);
+        let newer_has_records = scans[i + 1..]
+            .iter()
+            .any(|(_, _, s)| s.as_ref().is_some_and(|s| s.records > 0));
+        if unsealed && newer_has_records {
+            let path = dir.join(format::journal_file_name(*generation));
+            let end = scan.as_ref().map_or(0, |s| s.end);
+            return Err(Error::Corrupt {
+                path,
+                offset: end,
+                what: "journal record (log ends early)",
+            });
+        }
+    }
+
+    let poisoned = Rc::new(Cell::new(false));
+    let newest_valid = scans.iter().rev().find(|(_, _, s)| s.is_some());
+    let journal = match newest_valid {
+        Some((generation, file, Some(scan))) if !scan.sealed => {
+            let journal = Journal::resume(
+                disk.clone(),
+                wiring.id,
+                &dir,
+                *generation,
+                file.clone(),
+                scan.end,
+                scan.tail.clone(),
+                config.journal_bytes,
+                poisoned.clone(),
+            );
+            journal.rotate(&index).await?;
+            journal
+        }
+        _ => {
+            let newest = journals.iter().copied().chain(base).max().unwrap_or(0);
+            let journal = Journal::create(
+                disk.clone(),
+                wiring.id,
+                &dir,
+                newest + 1,
+                config.journal_bytes,
+                poisoned.clone(),
+            )?;
+            journal.init().await?;
+            journal.checkpoint_now(&index);
+            journal
+        }
+    };
+
+    let mut existing = Vec::new();
+    for name in &names {
+        if let Some(id) = SegmentId::parse_file_name(name) {
+            if id.writer() == wiring.id {
+                let path = dir.join(name);
+                let size = disk
+                    .open(&path)
+                    .and_then(|f| f.len_bytes())
+                    .map_err(|e| Error::io("stat", &path, 0, e))?;
+                existing.push((id, size));
+            }
+        }
+    }
+    let segments = Segments::new(
+        disk.clone(),
+        wiring.id,
+        &wiring.root,
+        config.segment_bytes,
+        existing,
+        poisoned.clone(),
+    );
+    tracing::debug!(
+        shard = wiring.id,
+        blobs = index.borrow().len(),
+        "shard recovered"
+    );
+    Ok(Rc::new(Shard {
+        id: wiring.id,
+        count: wiring.count,
+        index,
+        journal,
+        segments,
+        peers: wiring.peers,
+        status: wiring.status,
+        poisoned,
+        write_pool: BufPool::new(UNIT_BYTES as usize, config.write_buffers),
+        read_pool: BufPool::new(UNIT_BYTES as usize, config.read_buffers),
+        small_read_pool: BufPool::new(64 * 1024, config.small_read_buffers),
+        closing: Cell::new(false),
+        config,
+    }))
+}

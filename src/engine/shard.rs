@@ -1,0 +1,933 @@
+//! One shard: the task loop that owns a shard's index, journal, segments and buffers,
+//! and everything it does on requests from the front-end and from other shards.
+//!
+//! A shard runs on one thread (its own monoio runtime) and shares nothing mutable with
+//! other shards: it talks to them only through [`Request`] messages on bounded channels.
+//! Each request runs as a task of the shard's runtime.
+//!
+//! The paths of a blob:
+//! - **Upload** ([`Shard::ingest`]): the ingest shard copies each chunk once into an
+//!   aligned buffer, feeds BLAKE3 and the chunk CRCs, and writes full buffers to extents
+//!   it allocates, a few writes in flight. At complete it checks size and hash, appends
+//!   the CRC table, pads, fdatasyncs the segments, and sends a Put to the key's owner.
+//! - **Commit** ([`Shard::commit`]): the owner journals the Put (group commit) and only
+//!   then indexes it and answers; identical content already stored is answered from the
+//!   index (deduplication). The ingest shard answers the client after the owner did.
+//! - **Read** ([`Shard::stream_read`]): the owner reads aligned units of the blob's
+//!   stream, checks every chunk's CRC, and sends slices of its buffers as `Bytes`.
+//! - **Compaction** ([`Shard::compact`]): a shard copies the live blobs out of its sealed,
+//!   mostly dead segments, has their owners journal the move, and removes the segment.
+//!
+//! Faults: a failed write fails the upload (nothing is visible); a failed fdatasync
+//! poisons the shard (no more writes, reads go on); a full disk fails uploads with
+//! [`Error::NoSpace`] and reads go on; a checksum mismatch fails the read.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use graviton_io::buf::{round_down_u64, round_up_u64};
+use graviton_io::{AlignedBuf, BufPool, Disk, DiskFile};
+use tokio::sync::{mpsc, oneshot};
+
+use super::error::{Error, Result};
+use super::format::{
+    self, Extent, Location, PutRecord, Record, SegmentId, ALIGN, CHUNK_BYTES, UNIT_BYTES,
+};
+use super::index::{Entry, Index};
+use super::journal::Journal;
+use super::segments::Segments;
+use super::types::{BlobKey, BlobMeta, ByteRange, ListQuery};
+use super::{EngineConfig, ShardStatus};
+
+/// Writes of one upload in flight at once.
+const WRITES_IN_FLIGHT: usize = 2;
+/// Reads of one stream in flight at once.
+const READS_IN_FLIGHT: usize = 2;
+/// Streams up to this size are read with one small buffer.
+const SMALL_READ_BYTES: u64 = 64 * 1024;
+/// Largest piece allocated at once for an upload of undeclared size.
+const UNDECLARED_PIECE_BYTES_MAX: u64 = 64 * UNIT_BYTES;
+
+/// A message to a shard.
+pub enum Request {
+    Upload {
+        total: Option<u64>,
+        attributes: BTreeMap<String, String>,
+        chunks: mpsc::Receiver<UploadMsg>,
+        failed: oneshot::Sender<Error>,
+    },
+    Get {
+        key: BlobKey,
+        range: Option<ByteRange>,
+        reply: oneshot::Sender<Result<super::BlobRead>>,
+    },
+    Stat {
+        keys: Vec<BlobKey>,
+        reply: oneshot::Sender<Vec<Option<BlobMeta>>>,
+    },
+    Delete {
+        key: BlobKey,
+        reply: oneshot::Sender<Result<()>>,
+    },
+    List {
+        query: ListQuery,
+        reply: oneshot::Sender<Vec<BlobMeta>>,
+    },
+    /// From an ingest shard to the key's owner.
+    Commit {
+        put: PutRecord,
+        reply: oneshot::Sender<Result<BlobMeta>>,
+    },
+    /// From a compacting shard to the key's owner: move the blob if it is still at `from`.
+    Relocate {
+        key: BlobKey,
+        from: Location,
+        to: Location,
+        reply: oneshot::Sender<Result<bool>>,
+    },
+    /// Entries of this owner stored in segments written by `writer`.
+    LiveIn {
+        writer: usize,
+        reply: oneshot::Sender<Vec<(BlobKey, Location)>>,
+    },
+    /// A segment is being removed: drop its cached handle.
+    Forget { segment: SegmentId },
+    /// Runs one compaction pass now.
+    Compact {
+        reply: oneshot::Sender<Result<CompactionReport>>,
+    },
+    /// Seals the journal and the active segment now (tests use it to exercise rotation).
+    Rotate { reply: oneshot::Sender<Result<()>> },
+    /// Makes everything durable and stops the shard's loop.
+    Shutdown { reply: oneshot::Sender<()> },
+}
+
+/// A message of an upload's stream, from the front-end to the ingest shard.
+pub enum UploadMsg {
+    Data(Bytes),
+    Complete {
+        expected: Option<BlobKey>,
+        reply: oneshot::Sender<Result<BlobMeta>>,
+    },
+}
+
+/// What one compaction pass did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CompactionReport {
+    pub segments_removed: usize,
+    pub blobs_moved: usize,
+    pub bytes_moved: u64,
+}
+
+pub struct Shard<D: Disk> {
+    pub(super) id: usize,
+    pub(super) count: usize,
+    pub(super) config: Rc<EngineConfig>,
+    pub(super) index: RefCell<Index>,
+    pub(super) journal: Journal<D>,
+    pub(super) segments: Segments<D>,
+    pub(super) peers: Vec<mpsc::Sender<Request>>,
+    pub(super) status: Arc<ShardStatus>,
+    pub(super) poisoned: Rc<Cell<bool>>,
+    pub(super) write_pool: BufPool,
+    pub(super) read_pool: BufPool,
+    pub(super) small_read_pool: BufPool,
+    pub(super) closing: Cell<bool>,
+}
+
+impl<D: Disk> Shard<D> {
+    /// The shard's loop: runs each request as a task until told to shut down.
+    pub async fn run(self: Rc<Self>, mut inbox: mpsc::Receiver<Request>) {
+        if let Some(interval) = self.config.compaction_interval {
+            let shard = self.clone();
+            monoio::spawn(async move {
+                while !shard.closing.get() {
+                    monoio::time::sleep(interval).await;
+                    if shard.closing.get() {
+                        break;
+                    }
+                    if let Err(error) = shard.clone().compact().await {
+                        tracing::warn!(shard = shard.id, %error, "compaction pass failed");
+                    }
+                }
+            });
+        }
+        while let Some(request) = inbox.recv().await {
+            if let Request::Shutdown { reply } = request {
+                self.closing.set(true);
+                let last = self.journal.last_ticket();
+                if let Err(error) = self.journal.wait(last, &self.index).await {
+                    tracing::error!(shard = self.id, %error, "final journal flush failed");
+                }
+                let _ = reply.send(());
+                return;
+            }
+            let shard = self.clone();
+            monoio::spawn(async move { shard.handle(request).await });
+        }
+    }
+
+    async fn handle(self: Rc<Self>, request: Request) {
+        match request {
+            Request::Upload {
+                total,
+                attributes,
+                chunks,
+                failed,
+            } => self.ingest(total, attributes, chunks, failed).await,
+            Request::Get { key, range, reply } => {
+                let _ = reply.send(self.get(key, range));
+            }
+            Request::Stat { keys, reply } => {
+                let index = self.index.borrow();
+                let found = keys
+                    .iter()
+                    .map(|k| index.get(k).map(|e| e.meta(*k)))
+                    .collect();
+                let _ = reply.send(found);
+            }
+            Request::Delete { key, reply } => {
+                let _ = reply.send(self.delete(key).await);
+            }
+            Request::List { query, reply } => {
+                let _ = reply.send(self.index.borrow().list(&query));
+            }
+            Request::Commit { put, reply } => {
+                let _ = reply.send(self.commit(put).await);
+            }
+            Request::Relocate {
+                key,
+                from,
+                to,
+                reply,
+            } => {
+                let _ = reply.send(self.relocate(key, from, to).await);
+            }
+            Request::LiveIn { writer, reply } => {
+                let _ = reply.send(self.index.borrow().written_by(writer));
+            }
+            Request::Forget { segment } => self.segments.forget(segment),
+            Request::Compact { reply } => {
+                let _ = reply.send(self.clone().compact().await);
+            }
+            Request::Rotate { reply } => {
+                self.segments.seal_active();
+                let _ = reply.send(self.journal.rotate(&self.index).await);
+            }
+            Request::Shutdown { .. } => unreachable!("handled by the loop"),
+        }
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.poisoned.get() {
+            self.status.poisoned.store(true, Ordering::Relaxed);
+            return Err(Error::Poisoned { shard: self.id });
+        }
+        if self.closing.get() {
+            return Err(Error::ShuttingDown);
+        }
+        Ok(())
+    }
+
+    // ----- upload -------------------------------------------------------------------
+
+    async fn ingest(
+        self: Rc<Self>,
+        total: Option<u64>,
+        attributes: BTreeMap<String, String>,
+        mut chunks: mpsc::Receiver<UploadMsg>,
+        failed: oneshot::Sender<Error>,
+    ) {
+        if let Err(error) = self.check_writable() {
+            let _ = failed.send(error);
+            return;
+        }
+        let planned = total.map(|size| round_up_u64(format::stream_payload_bytes(size), ALIGN));
+        let mut stream = StreamWriter::new(self.clone(), planned);
+        let mut hasher = blake3::Hasher::new();
+        let mut crcs = ChunkCrcs::default();
+        let mut received = 0u64;
+        loop {
+            match chunks.recv().await {
+                None => {
+                    stream.abandon().await; // the client went away: nothing becomes visible
+                    return;
+                }
+                Some(UploadMsg::Data(data)) => {
+                    received += data.len() as u64;
+                    hasher.update(&data);
+                    crcs.update(&data);
+                    if let Err(error) = stream.push(&data).await {
+                        stream.abandon().await;
+                        let _ = failed.send(error);
+                        return;
+                    }
+                }
+                Some(UploadMsg::Complete { expected, reply }) => {
+                    let key = BlobKey(*hasher.finalize().as_bytes());
+                    let result = self
+                        .finish(stream, key, crcs, received, total, expected, attributes)
+                        .await;
+                    let _ = reply.send(result);
+                    return;
+                }
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn finish(
+        &self,
+        mut stream: StreamWriter<D>,
+        key: BlobKey,
+        crcs: ChunkCrcs,
+        received: u64,
+        declared: Option<u64>,
+        expected: Option<BlobKey>,
+        attributes: BTreeMap<String, String>,
+    ) -> Result<BlobMeta> {
+        if let Some(declared) = declared.filter(|&d| d != received) {
+            stream.abandon().await;
+            return Err(Error::SizeMismatch { declared, received });
+        }
+        if let Some(expected) = expected.filter(|&e| e != key) {
+            stream.abandon().await;
+            return Err(Error::HashMismatch {
+                expected,
+                actual: key,
+            });
+        }
+        let written = async {
+            stream.push(&crcs.finish()).await?;
+            stream.finish(format::stream_payload_bytes(received)).await
+        };
+        let location = match written.await {
+            Ok(location) => location,
+            Err(error) => {
+                stream.abandon().await;
+                return Err(error);
+            }
+        };
+        let result = self
+            .commit_elsewhere(key, received, location.clone(), attributes)
+            .await;
+        self.segments.release(&location.extents);
+        result
+    }
+
+    /// Makes the blob's segments durable, then has its owner commit it.
+    async fn commit_elsewhere(
+        &self,
+        key: BlobKey,
+        size: u64,
+        location: Location,
+        attributes: BTreeMap<String, String>,
+    ) -> Result<BlobMeta> {
+        let mut synced: Vec<SegmentId> = Vec::new();
+        for extent in &location.extents {
+            if !synced.contains(&extent.segment) {
+                self.segments.sync(extent.segment).await?;
+                synced.push(extent.segment);
+            }
+        }
+        let put = PutRecord {
+            key,
+            size,
+            created_unix_ns: unix_now_ns(),
+            location,
+            attributes,
+        };
+        let owner = key.owner(self.count);
+        let (reply, answer) = oneshot::channel();
+        self.peers[owner]
+            .send(Request::Commit { put, reply })
+            .await
+            .map_err(|_| Error::ShuttingDown)?;
+        answer.await.map_err(|_| Error::ShuttingDown)?
+    }
+
+    // ----- owner side ---------------------------------------------------------------
+
+    /// Waits until no record for `key` is staged, so that the index is the truth for it.
+    async fn settle(&self, key: &BlobKey) -> Result<()> {
+        while self.journal.is_pending(key) {
+            let last = self.journal.last_ticket();
+            self.journal.wait(last, &self.index).await?;
+        }
+        Ok(())
+    }
+
+    async fn commit(&self, put: PutRecord) -> Result<BlobMeta> {
+        self.check_writable()?;
+        let key = put.key;
+        self.settle(&key).await?;
+        if let Some(entry) = self.index.borrow().get(&key) {
+            return Ok(entry.meta(key)); // identical content is stored once
+        }
+        let ticket = self.journal.stage(Record::Put(put))?;
+        self.journal
+            .wait(ticket, &self.index)
+            .await
+            .inspect_err(|_| self.note_poison())?;
+        self.index
+            .borrow()
+            .get(&key)
+            .map(|entry| entry.meta(key))
+            .ok_or(Error::NotFound(key)) // deleted between the flush and now
+    }
+
+    async fn delete(&self, key: BlobKey) -> Result<()> {
+        self.check_writable()?;
+        self.settle(&key).await?;
+        if self.index.borrow().get(&key).is_none() {
+            return Err(Error::NotFound(key));
+        }
+        let ticket = self.journal.stage(Record::Delete { key })?;
+        self.journal
+            .wait(ticket, &self.index)
+            .await
+            .inspect_err(|_| self.note_poison())
+    }
+
+    async fn relocate(&self, key: BlobKey, from: Location, to: Location) -> Result<bool> {
+        self.check_writable()?;
+        self.settle(&key).await?;
+        let current = self.index.borrow().get(&key);
+        if current.is_none_or(|entry| entry.location != from) {
+            return Ok(false);
+        }
+        let ticket = self.journal.stage(Record::Relocate { key, location: to })?;
+        self.journal
+            .wait(ticket, &self.index)
+            .await
+            .inspect_err(|_| self.note_poison())?;
+        Ok(true)
+    }
+
+    fn note_poison(&self) {
+        if self.poisoned.get() {
+            self.status.poisoned.store(true, Ordering::Relaxed);
+        }
+    }
+
+    // ----- read ---------------------------------------------------------------------
+
+    fn get(self: &Rc<Self>, key: BlobKey, range: Option<ByteRange>) -> Result<super::BlobRead> {
+        let entry = self.index.borrow().get(&key).ok_or(Error::NotFound(key))?;
+        let range = range.unwrap_or_default();
+        let (start, end) = range.resolve(entry.size).ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "range offset {} length {} lies past the end of the {}-byte blob",
+                range.offset,
+                range
+                    .length
+                    .map_or("(to end)".to_string(), |l| l.to_string()),
+                entry.size
+            ))
+        })?;
+        // Open the blob's files now, in the same step as the lookup: compaction may move
+        // the blob and remove its segments later, and open handles keep the data readable.
+        let blob = Rc::new(OpenBlob::open(&self.segments, &entry)?);
+        let (sender, receiver) = mpsc::channel(self.config.read_channel_depth);
+        let shard = self.clone();
+        let meta = entry.meta(key);
+        monoio::spawn(async move {
+            if let Err(error) = shard.stream_read(&blob, start, end, &sender).await {
+                let _ = sender.send(Err(error)).await;
+            }
+        });
+        Ok(super::BlobRead {
+            meta,
+            start,
+            end,
+            chunks: receiver,
+        })
+    }
+
+    /// Sends `[start, end)` of a blob, in order, as verified slices of read buffers.
+    async fn stream_read(
+        self: &Rc<Self>,
+        blob: &Rc<OpenBlob<D>>,
+        start: u64,
+        end: u64,
+        sender: &mpsc::Sender<Result<Bytes>>,
+    ) -> Result<()> {
+        if start == end {
+            return Ok(());
+        }
+        let entry = &blob.entry;
+        let size = entry.size;
+        let stream_bytes = entry.location.stream_bytes();
+        if stream_bytes <= UNIT_BYTES {
+            // One read holds the data and the CRC table.
+            let pool = if stream_bytes <= SMALL_READ_BYTES {
+                &self.small_read_pool
+            } else {
+                &self.read_pool
+            };
+            let buf = pool.take().await;
+            let buf = self.read_stream(blob, 0, stream_bytes, buf).await?;
+            let table = &buf.as_slice()[size as usize..format::stream_payload_bytes(size) as usize];
+            let crcs: Vec<u32> = table
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes(c.try_into().expect("4")))
+                .collect();
+            self.verify(
+                entry,
+                &buf.as_slice()[..size as usize],
+                0,
+                &crcs,
+                0,
+                start,
+                end,
+            )?;
+            let bytes = buf.into_bytes().slice(start as usize..end as usize);
+            let _ = sender.send(Ok(bytes)).await;
+            return Ok(());
+        }
+        let crcs = self.read_crcs(blob, start, end).await?;
+        let first_chunk = start / CHUNK_BYTES;
+        let data_end = round_up_u64(size, ALIGN);
+        let mut unit = round_down_u64(start, UNIT_BYTES);
+        let mut reads: VecDeque<monoio::task::JoinHandle<Result<(u64, AlignedBuf)>>> =
+            VecDeque::new();
+        loop {
+            while unit < end && reads.len() < READS_IN_FLIGHT {
+                let shard = self.clone();
+                let blob = blob.clone();
+                let len = (unit + UNIT_BYTES).min(data_end) - unit;
+                let at = unit;
+                reads.push_back(monoio::spawn(async move {
+                    let buf = shard.read_pool.take().await;
+                    Ok((at, shard.read_stream(&blob, at, len, buf).await?))
+                }));
+                unit += UNIT_BYTES;
+            }
+            let Some(read) = reads.pop_front() else {
+                return Ok(());
+            };
+            let (at, buf) = read.await?;
+            let from = start.max(at);
+            let to = end.min(at + buf.len() as u64);
+            let data_len = (size.min(at + buf.len() as u64) - at) as usize;
+            self.verify(
+                entry,
+                &buf.as_slice()[..data_len],
+                at,
+                &crcs,
+                first_chunk,
+                from,
+                to,
+            )?;
+            let bytes = buf
+                .into_bytes()
+                .slice((from - at) as usize..(to - at) as usize);
+            if sender.send(Ok(bytes)).await.is_err() {
+                return Ok(()); // the reader went away
+            }
+        }
+    }
+
+    /// Reads stream bytes `[at, at+len)` (aligned) of a blob into `buf`.
+    async fn read_stream(
+        &self,
+        blob: &OpenBlob<D>,
+        at: u64,
+        len: u64,
+        mut buf: AlignedBuf,
+    ) -> Result<AlignedBuf> {
+        for (extent, offset, piece) in blob.entry.location.map(at, len) {
+            let file = blob.file(extent.segment);
+            let (result, back) = file.read_at(buf, offset, piece as usize).await;
+            buf = back;
+            result.map_err(|e| Error::io("read", self.segments.path(extent.segment), offset, e))?;
+        }
+        Ok(buf)
+    }
+
+    /// The CRCs of the chunks covering `[start, end)` of a large blob.
+    async fn read_crcs(&self, blob: &OpenBlob<D>, start: u64, end: u64) -> Result<Vec<u32>> {
+        let entry = &blob.entry;
+        let (first, last) = (start / CHUNK_BYTES, end.div_ceil(CHUNK_BYTES));
+        let table_from = entry.size + 4 * first;
+        let table_to = entry.size + 4 * last;
+        let read_from = round_down_u64(table_from, ALIGN);
+        let read_to = round_up_u64(table_to, ALIGN);
+        let buf = AlignedBuf::zeroed((read_to - read_from) as usize);
+        let buf = self
+            .read_stream(blob, read_from, read_to - read_from, buf)
+            .await?;
+        let table =
+            &buf.as_slice()[(table_from - read_from) as usize..(table_to - read_from) as usize];
+        Ok(table
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes(c.try_into().expect("4")))
+            .collect())
+    }
+
+    /// Checks the CRC of every chunk overlapping `[from, to)`. `data` holds blob bytes
+    /// from `data_at` (a chunk boundary); `crcs[i]` is the CRC of chunk `crcs_first + i`.
+    #[allow(clippy::too_many_arguments)]
+    fn verify(
+        &self,
+        entry: &Entry,
+        data: &[u8],
+        data_at: u64,
+        crcs: &[u32],
+        crcs_first: u64,
+        from: u64,
+        to: u64,
+    ) -> Result<()> {
+        debug_assert_eq!(data_at % CHUNK_BYTES, 0);
+        for chunk in from / CHUNK_BYTES..to.div_ceil(CHUNK_BYTES) {
+            let begin = (chunk * CHUNK_BYTES - data_at) as usize;
+            let finish = (begin + CHUNK_BYTES as usize).min(data.len());
+            if crc32fast::hash(&data[begin..finish]) != crcs[(chunk - crcs_first) as usize] {
+                let (extent, offset, _) = entry.location.map(chunk * CHUNK_BYTES, 1)[0];
+                return Err(Error::Corrupt {
+                    path: self.segments.path(extent.segment),
+                    offset,
+                    what: "blob data chunk",
+                });
+            }
+        }
+        Ok(())
+    }
+
+    // ----- compaction ---------------------------------------------------------------
+
+    /// One pass: for each of this shard's sealed segments whose live bytes are at most
+    /// the configured share of its size, moves the live blobs out and removes it.
+    pub async fn compact(self: Rc<Self>) -> Result<CompactionReport> {
+        let mut report = CompactionReport::default();
+        let candidates = self.segments.compactable();
+        if candidates.is_empty() {
+            return Ok(report);
+        }
+        let mut live: HashMap<SegmentId, Vec<(BlobKey, Location)>> = HashMap::new();
+        let mut live_bytes: HashMap<SegmentId, u64> = HashMap::new();
+        for peer in &self.peers {
+            let (reply, answer) = oneshot::channel();
+            peer.send(Request::LiveIn {
+                writer: self.id,
+                reply,
+            })
+            .await
+            .map_err(|_| Error::ShuttingDown)?;
+            for (key, location) in answer.await.map_err(|_| Error::ShuttingDown)? {
+                for extent in &location.extents {
+                    *live_bytes.entry(extent.segment).or_default() += extent.len as u64;
+                    let blobs = live.entry(extent.segment).or_default();
+                    if blobs.last().is_none_or(|(k, _)| *k != key) {
+                        blobs.push((key, location.clone()));
+                    }
+                }
+            }
+        }
+        let mut removed: Vec<SegmentId> = Vec::new();
+        for (segment, size) in candidates {
+            let used = live_bytes.get(&segment).copied().unwrap_or(0);
+            if used as f64 > size as f64 * self.config.compaction_live_ratio {
+                continue;
+            }
+            if !self.segments.begin_compaction(segment) {
+                continue;
+            }
+            // A blob that also lay in a segment removed earlier in this pass was moved (or
+            // deleted) then; its listed location is stale.
+            let blobs: Vec<_> = live
+                .remove(&segment)
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|(_, from)| !from.extents.iter().any(|e| removed.contains(&e.segment)))
+                .collect();
+            let moved = self.evacuate(blobs, &mut report).await;
+            if let Err(error) = moved {
+                self.segments.end_compaction(segment);
+                return Err(error);
+            }
+            for (index, peer) in self.peers.iter().enumerate() {
+                if index != self.id {
+                    let _ = peer.send(Request::Forget { segment }).await;
+                }
+            }
+            self.segments.remove(segment)?;
+            removed.push(segment);
+            report.segments_removed += 1;
+        }
+        Ok(report)
+    }
+
+    /// Copies each blob to fresh extents and has its owner move it there.
+    async fn evacuate(
+        &self,
+        blobs: Vec<(BlobKey, Location)>,
+        report: &mut CompactionReport,
+    ) -> Result<()> {
+        for (key, from) in blobs {
+            self.check_writable()?;
+            let stream_bytes = from.stream_bytes();
+            let source = OpenBlob::open(
+                &self.segments,
+                &Entry {
+                    size: 0,
+                    created_unix_ns: 0,
+                    attributes: BTreeMap::new(),
+                    location: from.clone(),
+                },
+            )?;
+            let mut stream = StreamWriterRef::new(self, Some(stream_bytes));
+            let mut at = 0;
+            let copied: Result<Location> = async {
+                while at < stream_bytes {
+                    let len = UNIT_BYTES.min(stream_bytes - at);
+                    let buf = self.read_pool.take().await;
+                    let buf = self.read_stream(&source, at, len, buf).await?;
+                    stream.push(buf.as_slice()).await?;
+                    at += len;
+                }
+                stream.finish(stream_bytes).await
+            }
+            .await;
+            let to = match copied {
+                Ok(to) => to,
+                Err(error) => {
+                    stream.abandon().await;
+                    return Err(error);
+                }
+            };
+            let moved = async {
+                for segment in distinct_segments(&to) {
+                    self.segments.sync(segment).await?;
+                }
+                let (reply, answer) = oneshot::channel();
+                self.peers[key.owner(self.count)]
+                    .send(Request::Relocate {
+                        key,
+                        from,
+                        to: to.clone(),
+                        reply,
+                    })
+                    .await
+                    .map_err(|_| Error::ShuttingDown)?;
+                answer.await.map_err(|_| Error::ShuttingDown)?
+            }
+            .await;
+            self.segments.release(&to.extents);
+            if moved? {
+                report.blobs_moved += 1;
+                report.bytes_moved += stream_bytes;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A blob's entry with its segment files open, so that it stays readable for as long
+/// as this lives, even if compaction moves the blob and removes the segments.
+struct OpenBlob<D: Disk> {
+    entry: Rc<Entry>,
+    files: Vec<(SegmentId, D::File)>,
+}
+
+impl<D: Disk> OpenBlob<D> {
+    fn open(segments: &Segments<D>, entry: &Entry) -> Result<OpenBlob<D>> {
+        let mut files = Vec::new();
+        for segment in distinct_segments(&entry.location) {
+            files.push((segment, segments.file(segment)?));
+        }
+        Ok(OpenBlob {
+            entry: Rc::new(entry.clone()),
+            files,
+        })
+    }
+
+    fn file(&self, segment: SegmentId) -> &D::File {
+        &self
+            .files
+            .iter()
+            .find(|(id, _)| *id == segment)
+            .expect("opened with the blob")
+            .1
+    }
+}
+
+fn distinct_segments(location: &Location) -> Vec<SegmentId> {
+    let mut segments: Vec<SegmentId> = location.extents.iter().map(|e| e.segment).collect();
+    segments.dedup();
+    segments
+}
+
+fn unix_now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// The CRCs of a blob's 64 KiB chunks, computed as bytes arrive.
+#[derive(Default)]
+struct ChunkCrcs {
+    done: Vec<u8>,
+    current: crc32fast::Hasher,
+    current_bytes: u64,
+}
+
+impl ChunkCrcs {
+    fn update(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            let take = ((CHUNK_BYTES - self.current_bytes) as usize).min(data.len());
+            self.current.update(&data[..take]);
+            self.current_bytes += take as u64;
+            data = &data[take..];
+            if self.current_bytes == CHUNK_BYTES {
+                let crc = std::mem::take(&mut self.current).finalize();
+                self.done.extend_from_slice(&crc.to_le_bytes());
+                self.current_bytes = 0;
+            }
+        }
+    }
+
+    /// The table: one little-endian u32 per chunk.
+    fn finish(mut self) -> Vec<u8> {
+        if self.current_bytes > 0 {
+            self.done
+                .extend_from_slice(&self.current.finalize().to_le_bytes());
+        }
+        self.done
+    }
+}
+
+type StreamWriterRef<'a, D> = StreamWriterOf<&'a Shard<D>, D>;
+type StreamWriter<D> = StreamWriterOf<Rc<Shard<D>>, D>;
+
+/// Writes a blob's stream: fills aligned buffers, allocates extents as the stream grows,
+/// keeps a few writes in flight.
+struct StreamWriterOf<S: std::ops::Deref<Target = Shard<D>>, D: Disk> {
+    shard: S,
+    /// The stream's final (aligned) size, if known in advance.
+    planned: Option<u64>,
+    extents: Vec<Extent>,
+    allocated: u64,
+    position: u64,
+    buf: Option<AlignedBuf>,
+    writes: VecDeque<monoio::task::JoinHandle<Result<()>>>,
+}
+
+impl<S: std::ops::Deref<Target = Shard<D>>, D: Disk> StreamWriterOf<S, D> {
+    fn new(shard: S, planned: Option<u64>) -> Self {
+        StreamWriterOf {
+            shard,
+            planned,
+            extents: Vec::new(),
+            allocated: 0,
+            position: 0,
+            buf: None,
+            writes: VecDeque::new(),
+        }
+    }
+
+    async fn push(&mut self, mut data: &[u8]) -> Result<()> {
+        while !data.is_empty() {
+            let buf = match self.buf.as_mut() {
+                Some(buf) => buf,
+                None => self.buf.insert(self.shard.write_pool.take().await),
+            };
+            let taken = buf.extend_from_slice(data);
+            data = &data[taken..];
+            if buf.remaining() == 0 {
+                self.submit().await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the current buffer (its length aligned) at the stream position.
+    async fn submit(&mut self) -> Result<()> {
+        let buf = self.buf.take().expect("a buffer to submit");
+        let len = buf.len() as u64;
+        debug_assert_eq!(len % ALIGN, 0);
+        self.allocate_to(self.position + len)?;
+        let location = Location {
+            extents: self.extents.clone(),
+        };
+        let pieces = location.map(self.position, len);
+        assert_eq!(pieces.len(), 1, "a write unit never straddles extents");
+        let (extent, offset, _) = pieces[0];
+        let file = self.shard.segments.file(extent.segment)?;
+        let path = self.shard.segments.path(extent.segment);
+        while self.writes.len() >= WRITES_IN_FLIGHT {
+            self.writes.pop_front().expect("non-empty").await?;
+        }
+        self.writes.push_back(monoio::spawn(async move {
+            let (result, _buf) = file.write_at(buf, offset).await;
+            result.map_err(|e| Error::io("write", &path, offset, e))
+        }));
+        self.position += len;
+        Ok(())
+    }
+
+    fn allocate_to(&mut self, end: u64) -> Result<()> {
+        while self.allocated < end {
+            let need = match self.planned {
+                Some(planned) => planned.max(end) - self.allocated,
+                None => self.allocated.clamp(UNIT_BYTES, UNDECLARED_PIECE_BYTES_MAX),
+            };
+            let extent = self.shard.segments.allocate(need)?;
+            self.allocated += extent.len as u64;
+            match self.extents.last_mut() {
+                Some(last)
+                    if last.segment == extent.segment
+                        && last.offset + last.len as u64 == extent.offset =>
+                {
+                    last.len += extent.len;
+                    self.shard.segments.release(&[extent]); // counted once, as `last`
+                }
+                _ => self.extents.push(extent),
+            }
+        }
+        Ok(())
+    }
+
+    /// Pads and writes what is buffered, waits for every write, gives back unused
+    /// space, and returns where the stream lies. `payload` is the stream's unpadded size.
+    async fn finish(&mut self, payload: u64) -> Result<Location> {
+        if let Some(mut buf) = self.buf.take() {
+            if !buf.is_empty() {
+                buf.pad_zeroed_to(buf.len().next_multiple_of(ALIGN as usize));
+                self.buf = Some(buf);
+                self.submit().await?;
+            }
+        }
+        while let Some(write) = self.writes.pop_front() {
+            write.await?;
+        }
+        let used = round_up_u64(payload, ALIGN);
+        debug_assert_eq!(used, self.position);
+        if let Some(last) = self.extents.last_mut() {
+            let before = self.allocated - last.len as u64;
+            if used > before && used - before < last.len as u64 {
+                *last = self.shard.segments.trim(*last, used - before);
+                self.allocated = before + last.len as u64;
+            }
+        }
+        Ok(Location {
+            extents: self.extents.clone(),
+        })
+    }
+
+    /// Waits for writes in flight and ends the extents' in-flight state: the space is
+    /// dead and compaction reclaims it.
+    async fn abandon(&mut self) {
+        self.buf = None;
+        while let Some(write) = self.writes.pop_front() {
+            let _ = write.await;
+        }
+        self.shard.segments.release(&self.extents);
+        self.extents.clear();
+    }
+}

@@ -1,0 +1,195 @@
+//! Why a request failed, and the one function that turns that into a `tonic::Status`.
+//!
+//! Every failure of the front-end, whether found by the engine ([`engine::Error`]) or
+//! by the front-end itself (a malformed stream, a passed deadline, a missing token, a
+//! server that is draining), is a [`Failure`]; [`status`] is the only place in the crate
+//! that builds a [`Status`]. The mapping follows `shared/CONTRACT.md`:
+//!
+//! | failure                                            | code                 |
+//! |----------------------------------------------------|----------------------|
+//! | `NotFound`                                         | `NOT_FOUND`          |
+//! | `InvalidArgument`, `HashMismatch`, `SizeMismatch`, front-end `InvalidArgument` | `INVALID_ARGUMENT` |
+//! | `NoSpace`, a message over the size limit           | `RESOURCE_EXHAUSTED` |
+//! | `ShuttingDown`, `Poisoned`, front-end `ShuttingDown` | `UNAVAILABLE`      |
+//! | `Io`, `Corrupt`, `Config`, front-end `Internal`    | `INTERNAL`           |
+//! | deadline passed                                    | `DEADLINE_EXCEEDED`  |
+//! | missing or wrong bearer token                      | `UNAUTHENTICATED`    |
+//!
+//! `Poisoned` is `UNAVAILABLE`, not `INTERNAL`: one shard stopped taking writes after a
+//! failed flush, the others still do, and a retried upload is placed on the least-loaded
+//! healthy shard, so a retry can succeed (the seed's retry table retries `UNAVAILABLE`).
+//! Messages are the engine's `Display` text, which says what happened and what to do.
+//! Server faults are also logged here, with the same text, at `error` level.
+
+use tonic::{Code, Status};
+
+use crate::engine;
+
+/// A request's failure, in terms of what the caller can do about it.
+#[derive(Debug)]
+pub(crate) enum Failure {
+    /// The storage engine refused or failed the operation.
+    Engine(engine::Error),
+    /// The request or the upload stream is malformed; the text says how.
+    InvalidArgument(String),
+    /// The client's deadline (`grpc-timeout`) passed while `what` was in progress.
+    DeadlineExceeded { what: &'static str },
+    /// The server requires a bearer token and the request's is missing or wrong.
+    Unauthenticated(&'static str),
+    /// The server is shutting down and its drain period has run out.
+    ShuttingDown,
+    /// A client message was over the server's size limit; the text is the transport's.
+    /// gRPC's other implementations answer `RESOURCE_EXHAUSTED` for this (tonic's
+    /// decoder says `OUT_OF_RANGE`, which the contract does not know).
+    MessageTooLarge(String),
+    /// A fault of the server itself, found by the front-end (e.g. the engine ended a
+    /// read short of its range); the text says what.
+    Internal(String),
+    /// The transport already produced a status (e.g. a message over the size limit, or
+    /// a decoding error); it is passed on unchanged.
+    Transport(Status),
+}
+
+impl Failure {
+    pub(crate) fn invalid(text: impl Into<String>) -> Failure {
+        Failure::InvalidArgument(text.into())
+    }
+}
+
+impl From<engine::Error> for Failure {
+    fn from(error: engine::Error) -> Failure {
+        Failure::Engine(error)
+    }
+}
+
+impl From<Failure> for Status {
+    fn from(failure: Failure) -> Status {
+        status(failure)
+    }
+}
+
+/// The status a client receives for `failure`. The only function that builds a `Status`.
+pub(crate) fn status(failure: Failure) -> Status {
+    let (code, message) = match failure {
+        Failure::Engine(error) => (engine_code(&error), error.to_string()),
+        Failure::InvalidArgument(text) => (Code::InvalidArgument, text),
+        Failure::DeadlineExceeded { what } => (
+            Code::DeadlineExceeded,
+            format!("the client's deadline passed during {what}; retry with a longer deadline"),
+        ),
+        Failure::Unauthenticated(text) => (Code::Unauthenticated, text.to_string()),
+        Failure::ShuttingDown => (
+            Code::Unavailable,
+            "the server is shutting down and stopped this request; retry, on another server or once it is back".to_string(),
+        ),
+        Failure::MessageTooLarge(text) => (
+            Code::ResourceExhausted,
+            format!("{text}; send smaller chunks"),
+        ),
+        Failure::Internal(text) => (Code::Internal, text),
+        Failure::Transport(status) => return status,
+    };
+    if code == Code::Internal {
+        tracing::error!(%message, "request failed with a server fault");
+    }
+    Status::new(code, message)
+}
+
+fn engine_code(error: &engine::Error) -> Code {
+    use engine::Error;
+    match error {
+        Error::NotFound(_) => Code::NotFound,
+        Error::InvalidArgument(_) | Error::HashMismatch { .. } | Error::SizeMismatch { .. } => {
+            Code::InvalidArgument
+        }
+        Error::NoSpace { .. } => Code::ResourceExhausted,
+        Error::ShuttingDown | Error::Poisoned { .. } => Code::Unavailable,
+        Error::Io { .. } | Error::Corrupt { .. } | Error::Config(_) => Code::Internal,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{BlobKey, Error};
+    use std::path::PathBuf;
+
+    #[test]
+    fn engine_errors_map_to_the_contract_codes() {
+        let key = BlobKey([1; 32]);
+        let cases = [
+            (Error::NotFound(key), Code::NotFound),
+            (Error::InvalidArgument("x".into()), Code::InvalidArgument),
+            (
+                Error::HashMismatch {
+                    expected: key,
+                    actual: key,
+                },
+                Code::InvalidArgument,
+            ),
+            (
+                Error::SizeMismatch {
+                    declared: 1,
+                    received: 2,
+                },
+                Code::InvalidArgument,
+            ),
+            (
+                Error::NoSpace {
+                    path: PathBuf::from("/d"),
+                },
+                Code::ResourceExhausted,
+            ),
+            (Error::ShuttingDown, Code::Unavailable),
+            (Error::Poisoned { shard: 3 }, Code::Unavailable),
+            (
+                Error::Corrupt {
+                    path: PathBuf::from("/d/s"),
+                    offset: 4096,
+                    what: "block",
+                },
+                Code::Internal,
+            ),
+            (
+                Error::Io {
+                    op: "pwrite",
+                    path: PathBuf::from("/d/s"),
+                    offset: 0,
+                    source: std::io::Error::other("boom"),
+                },
+                Code::Internal,
+            ),
+            (Error::Config("no O_DIRECT".into()), Code::Internal),
+        ];
+        for (error, code) in cases {
+            let text = error.to_string();
+            let status = status(Failure::Engine(error));
+            assert_eq!(status.code(), code, "{text}");
+            assert_eq!(status.message(), text);
+        }
+    }
+
+    #[test]
+    fn front_end_failures_map_to_their_codes() {
+        assert_eq!(
+            status(Failure::invalid("bad")).code(),
+            Code::InvalidArgument
+        );
+        assert_eq!(status(Failure::invalid("bad")).message(), "bad");
+        let deadline = status(Failure::DeadlineExceeded { what: "the upload" });
+        assert_eq!(deadline.code(), Code::DeadlineExceeded);
+        assert!(deadline.message().contains("the upload"));
+        assert_eq!(
+            status(Failure::Unauthenticated("no")).code(),
+            Code::Unauthenticated
+        );
+        assert_eq!(status(Failure::ShuttingDown).code(), Code::Unavailable);
+        assert_eq!(
+            status(Failure::Internal("bug".into())).code(),
+            Code::Internal
+        );
+        let passed = status(Failure::Transport(Status::out_of_range("too big")));
+        assert_eq!(passed.code(), Code::OutOfRange);
+        assert_eq!(passed.message(), "too big");
+    }
+}

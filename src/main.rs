@@ -1,0 +1,316 @@
+//! `graviton`: the server (`graviton serve`) and a small client (`put`, `get`, `stat`,
+//! `delete`, `list`). Flag parsing and one call each; the work is in the library.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use graviton::client::{self, Client, ClientError};
+use graviton::engine::{BlobKey, Engine, EngineConfig};
+use graviton::grpc::{self, ServeOptions};
+use graviton::proto::ByteRange;
+
+const TOKEN_ENV: &str = "GRAVITON_AUTH_TOKEN";
+const SERVER_ENV: &str = "GRAVITON_SERVER";
+
+#[derive(Parser)]
+#[command(name = "graviton", version, about = "Blob storage server and client")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server (every flag has a default: `graviton serve` just works).
+    Serve(ServeArgs),
+    /// Upload a file (`-` for stdin); prints its key.
+    Put {
+        file: PathBuf,
+        /// The blob's content type.
+        #[arg(long)]
+        content_type: Option<String>,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Download a blob (or a range of it) to stdout or a file.
+    Get {
+        key: String,
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+        #[arg(long, default_value_t = 0)]
+        offset: u64,
+        #[arg(long)]
+        length: Option<u64>,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Print a blob's metadata.
+    Stat {
+        key: String,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Delete a blob.
+    Delete {
+        key: String,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// List blobs in key order: key and size, one per line.
+    List {
+        /// Only keys starting with these hex digits (an even number of them).
+        #[arg(long, default_value = "")]
+        prefix: String,
+        /// At most this many (0: the server's default, 1000).
+        #[arg(long, default_value_t = 0)]
+        limit: u32,
+        #[command(flatten)]
+        connection: Connection,
+    },
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    listen: SocketAddr,
+    /// Directory of the store (created if missing).
+    #[arg(long, default_value = "./graviton-data")]
+    data_dir: PathBuf,
+    /// Storage shards, one thread each [default: the cores this process may use].
+    #[arg(long)]
+    shards: Option<usize>,
+    /// Threads of the gRPC front-end's runtime [default: half the cores, at least 1].
+    /// The shards hash and copy every byte once; the front-end parses HTTP/2 and encodes
+    /// responses: half the cores each is a starting point, measure with the bench.
+    #[arg(long)]
+    frontend_threads: Option<usize>,
+    /// Do not pin shard threads to cores.
+    #[arg(long)]
+    no_pin: bool,
+    /// Serve a data directory without O_DIRECT support (tmpfs) with buffered I/O.
+    #[arg(long)]
+    allow_buffered_io: bool,
+    /// Require `authorization: Bearer <token>` on blob and upload calls
+    /// [default: $GRAVITON_AUTH_TOKEN, else no authentication].
+    #[arg(long)]
+    auth_token: Option<String>,
+    /// Seconds calls in flight may run after SIGINT/SIGTERM before they are stopped.
+    #[arg(long, default_value_t = 30)]
+    drain_timeout_secs: u64,
+}
+
+#[derive(clap::Args)]
+struct Connection {
+    /// Server URL [default: $GRAVITON_SERVER, else http://127.0.0.1:50051].
+    #[arg(long)]
+    server: Option<String>,
+    /// Bearer token [default: $GRAVITON_AUTH_TOKEN].
+    #[arg(long)]
+    token: Option<String>,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let outcome = match Cli::parse().command {
+        Command::Serve(args) => serve(args),
+        command => run_client(command),
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("graviton: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(args: ServeArgs) -> Result<(), ClientError> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut config = EngineConfig::new(&args.data_dir);
+    if let Some(shards) = args.shards {
+        config.shards = shards.max(1);
+    }
+    config.pin_cores = !args.no_pin;
+    config.allow_buffered_io = args.allow_buffered_io;
+    let frontend_threads = args.frontend_threads.unwrap_or(cores / 2).max(1);
+    let options = ServeOptions {
+        auth_token: args.auth_token.or_else(|| std::env::var(TOKEN_ENV).ok()),
+        drain_timeout: Duration::from_secs(args.drain_timeout_secs),
+        ..ServeOptions::default()
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(frontend_threads)
+        .thread_name("graviton-grpc")
+        .enable_all()
+        .build()?;
+    let engine = Engine::open(config.clone())
+        .map_err(|error| format!("opening the store in {}: {error}", args.data_dir.display()))?;
+    tracing::info!(
+        data_dir = %args.data_dir.display(),
+        shards = config.shards,
+        frontend_threads,
+        auth = options.auth_token.is_some(),
+        "engine open"
+    );
+    runtime.block_on(async move {
+        let listener = match tokio::net::TcpListener::bind(args.listen).await {
+            Ok(listener) => listener,
+            Err(error) => {
+                let _ = engine.shutdown().await;
+                return Err(format!("listening on {}: {error}", args.listen).into());
+            }
+        };
+        tracing::info!(address = %listener.local_addr()?, "serving gRPC");
+        grpc::serve(listener, engine, options, shutdown_signal()).await?;
+        tracing::info!("stopped cleanly");
+        Ok(())
+    })
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = match signal(SignalKind::terminate()) {
+        Ok(terminate) => terminate,
+        Err(error) => {
+            tracing::warn!(%error, "cannot watch SIGTERM; only SIGINT stops the server");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+        _ = terminate.recv() => tracing::info!("SIGTERM received"),
+    }
+}
+
+fn run_client(command: Command) -> Result<(), ClientError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(client_command(command))
+}
+
+async fn client_command(command: Command) -> Result<(), ClientError> {
+    match command {
+        Command::Serve(_) => unreachable!("handled by main"),
+        Command::Put {
+            file,
+            content_type,
+            connection,
+        } => {
+            let mut client = connection.connect().await?;
+            let attributes: BTreeMap<_, _> = content_type
+                .map(|content_type| ("content-type".to_string(), content_type))
+                .into_iter()
+                .collect();
+            let meta = if file.as_os_str() == "-" {
+                client.put(std::io::stdin(), None, attributes).await?
+            } else {
+                let opened = std::fs::File::open(&file)
+                    .map_err(|error| format!("opening {}: {error}", file.display()))?;
+                let size = opened.metadata()?.len();
+                client.put(opened, Some(size), attributes).await?
+            };
+            println!("{}", parse_wire_key(&meta.key)?);
+        }
+        Command::Get {
+            key,
+            output,
+            offset,
+            length,
+            connection,
+        } => {
+            let key = parse_key(&key)?;
+            let range = (offset > 0 || length.is_some()).then(|| ByteRange {
+                offset: offset as i64,
+                length: length.map(|length| length as i64),
+            });
+            let mut client = connection.connect().await?;
+            match output {
+                Some(path) => {
+                    let mut file = std::io::BufWriter::new(std::fs::File::create(&path)?);
+                    client.get(&key, range, &mut file).await?;
+                }
+                None => {
+                    client
+                        .get(&key, range, &mut std::io::stdout().lock())
+                        .await?;
+                }
+            }
+        }
+        Command::Stat { key, connection } => {
+            let key = parse_key(&key)?;
+            let meta = connection.connect().await?.stat(&key).await?;
+            print!("{}", client::describe(&meta));
+        }
+        Command::Delete { key, connection } => {
+            let key = parse_key(&key)?;
+            connection.connect().await?.delete(&key).await?;
+        }
+        Command::List {
+            prefix,
+            limit,
+            connection,
+        } => {
+            let prefix = parse_hex(&prefix)?;
+            let page = connection
+                .connect()
+                .await?
+                .list(None, &prefix, limit)
+                .await?;
+            let mut out = std::io::stdout().lock();
+            for meta in page {
+                writeln!(out, "{} {}", parse_wire_key(&meta.key)?, meta.size)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+impl Connection {
+    async fn connect(&self) -> Result<Client, ClientError> {
+        let server = self
+            .server
+            .clone()
+            .or_else(|| std::env::var(SERVER_ENV).ok())
+            .unwrap_or_else(|| "http://127.0.0.1:50051".to_string());
+        let token = self.token.clone().or_else(|| std::env::var(TOKEN_ENV).ok());
+        Client::connect(&server, token.as_deref()).await
+    }
+}
+
+fn parse_key(text: &str) -> Result<BlobKey, ClientError> {
+    BlobKey::from_hex(text).ok_or_else(|| format!("a key is 64 hex digits, got {text:?}").into())
+}
+
+fn parse_wire_key(bytes: &[u8]) -> Result<BlobKey, ClientError> {
+    BlobKey::from_slice(bytes)
+        .ok_or_else(|| format!("the server sent a key of {} bytes", bytes.len()).into())
+}
+
+fn parse_hex(text: &str) -> Result<Vec<u8>, ClientError> {
+    let invalid = || format!("expected an even number of hex digits, got {text:?}");
+    if !text.len().is_multiple_of(2) {
+        return Err(invalid().into());
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| {
+            u8::from_str_radix(text.get(i..i + 2).ok_or_else(invalid)?, 16).map_err(|_| invalid())
+        })
+        .map(|byte| byte.map_err(ClientError::from))
+        .collect()
+}
