@@ -99,6 +99,18 @@ impl DirectDisk {
                 alignment: BUF_ALIGN,
             });
         }
+        if is_tmpfs(dir)? {
+            // tmpfs accepts O_DIRECT since Linux 6.6, but its "device" is the page cache:
+            // nothing it holds survives a reboot, so it is no place for durable blobs.
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!(
+                    "{} is on tmpfs, which is memory, not a disk: data there does not survive \
+                     a reboot; put the data directory on ext4 or xfs, or allow buffered I/O explicitly",
+                    dir.display()
+                ),
+            ));
+        }
         let probe_path = dir.join(".graviton-dio-probe");
         let _ = fs::remove_file(&probe_path);
         let opened = OpenOptions::new()
@@ -190,6 +202,24 @@ pub fn dio_alignment(file: &fs::File) -> Option<usize> {
         return None;
     }
     Some((stx.stx_dio_mem_align as usize).max(stx.stx_dio_offset_align as usize))
+}
+
+/// Whether `dir` is on tmpfs (statfs `f_type == TMPFS_MAGIC`).
+fn is_tmpfs(dir: &Path) -> io::Result<bool> {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    let path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))?;
+    // SAFETY: statfs is plain old data; all-zero is a valid value.
+    #[allow(unsafe_code)]
+    let mut stats: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is a valid C string and `stats` a valid out-pointer for the call.
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::statfs(path.as_ptr(), &mut stats) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    #[allow(clippy::unnecessary_cast)] // f_type's width differs between targets
+    Ok(stats.f_type as i64 == TMPFS_MAGIC)
 }
 
 fn fallocate(file: &fs::File, len_bytes: u64) -> io::Result<()> {
@@ -330,5 +360,38 @@ impl DirLock {
             return Err(io::Error::last_os_error());
         }
         Ok(DirLock { _file: file })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tmpfs_is_refused_for_direct_io_and_allowed_buffered() {
+        let dir = Path::new("/dev/shm");
+        if !is_tmpfs(dir).unwrap_or(false) {
+            return; // no tmpfs here to try
+        }
+        let error = DirectDisk::probe(dir, IoMode::Direct).expect_err("tmpfs must be refused");
+        assert_eq!(error.kind(), io::ErrorKind::Unsupported);
+        assert!(error.to_string().contains("tmpfs"), "{error}");
+        assert_eq!(
+            DirectDisk::probe(dir, IoMode::Buffered)
+                .expect("buffered")
+                .mode(),
+            IoMode::Buffered
+        );
+    }
+
+    #[test]
+    fn a_real_directory_probes_as_direct() {
+        let dir = std::env::temp_dir().join(format!("graviton-probe-{}", std::process::id()));
+        fs::create_dir_all(&dir).expect("dir");
+        if !is_tmpfs(&dir).expect("statfs") {
+            let disk = DirectDisk::probe(&dir, IoMode::Direct).expect("direct I/O");
+            assert_eq!(disk.alignment() % 512, 0);
+        }
+        fs::remove_dir_all(&dir).expect("clean up");
     }
 }

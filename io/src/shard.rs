@@ -66,7 +66,7 @@ fn build_runtime(config: &ShardThreadConfig) -> io::Result<(Runtime, &'static st
         return Ok((
             runtime,
             "epoll",
-            "io_uring is unavailable (blocked by seccomp, kernel.io_uring_disabled, or not built in)"
+            "io_uring is unavailable (blocked by seccomp or kernel.io_uring_disabled, RLIMIT_MEMLOCK too low for a ring, or not built in)"
                 .into(),
         ));
     }

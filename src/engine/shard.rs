@@ -463,13 +463,9 @@ impl<D: Disk> Shard<D> {
         let entry = &blob.entry;
         let size = entry.size;
         let stream_bytes = entry.location.stream_bytes();
-        if stream_bytes <= UNIT_BYTES {
+        if stream_bytes <= SMALL_READ_BYTES {
             // One read holds the data and the CRC table.
-            let pool = if stream_bytes <= SMALL_READ_BYTES {
-                &self.small_read_pool
-            } else {
-                &self.read_pool
-            };
+            let pool = &self.small_read_pool;
             let buf = pool.take().await;
             let buf = self.read_stream(blob, 0, stream_bytes, buf).await?;
             let table = &buf.as_slice()[size as usize..format::stream_payload_bytes(size) as usize];
@@ -492,21 +488,24 @@ impl<D: Disk> Shard<D> {
         }
         let crcs = self.read_crcs(blob, start, end).await?;
         let first_chunk = start / CHUNK_BYTES;
-        let data_end = round_up_u64(size, ALIGN);
-        let mut unit = round_down_u64(start, UNIT_BYTES);
+        // Read only the chunks that cover the range, in pieces that end on unit
+        // boundaries (so that no read straddles two extents).
+        let read_end = round_up_u64(end, CHUNK_BYTES).min(round_up_u64(size, ALIGN));
+        let mut unit = round_down_u64(start, CHUNK_BYTES);
         let mut reads: VecDeque<monoio::task::JoinHandle<Result<(u64, AlignedBuf)>>> =
             VecDeque::new();
         loop {
             while unit < end && reads.len() < READS_IN_FLIGHT {
                 let shard = self.clone();
                 let blob = blob.clone();
-                let len = (unit + UNIT_BYTES).min(data_end) - unit;
+                let next = (round_down_u64(unit, UNIT_BYTES) + UNIT_BYTES).min(read_end);
+                let len = next - unit;
                 let at = unit;
                 reads.push_back(monoio::spawn(async move {
                     let buf = shard.read_pool.take().await;
                     Ok((at, shard.read_stream(&blob, at, len, buf).await?))
                 }));
-                unit += UNIT_BYTES;
+                unit = next;
             }
             let Some(read) = reads.pop_front() else {
                 return Ok(());
