@@ -103,6 +103,9 @@ struct ServeArgs {
     /// Seconds calls in flight may run after SIGINT/SIGTERM before they are stopped.
     #[arg(long, default_value_t = 30)]
     drain_timeout_secs: u64,
+    /// Uploads in progress at once; more are refused with UNAVAILABLE (bounds memory).
+    #[arg(long, default_value_t = 256)]
+    uploads_max: usize,
 }
 
 #[derive(clap::Args)]
@@ -148,6 +151,7 @@ fn serve(args: ServeArgs) -> Result<(), ClientError> {
     let options = ServeOptions {
         auth_token: args.auth_token.or_else(|| std::env::var(TOKEN_ENV).ok()),
         drain_timeout: Duration::from_secs(args.drain_timeout_secs),
+        uploads_max: args.uploads_max.max(1),
         ..ServeOptions::default()
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -954,6 +954,51 @@ async fn cancelled_uploads_store_nothing() {
     server.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_beyond_the_limit_are_shed_with_unavailable() {
+    let options = ServeOptions {
+        uploads_max: 1,
+        ..ServeOptions::default()
+    };
+    let server = TestServer::start("shed", options).await;
+    let mut clients = server.clients().await;
+    let mut rng = rng("uploads_beyond_the_limit_are_shed_with_unavailable");
+    let data = random_bytes(&mut rng, 3000);
+    // One upload in progress holds the only slot.
+    let (sender, outbound) = mpsc::channel(8);
+    sender.send(start(0)).await.unwrap();
+    let mut acks = clients
+        .uploads
+        .upload(ReceiverStream::new(outbound))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(acks.message().await.unwrap().unwrap().received_bytes, 0);
+    let refused = clients
+        .uploads
+        .upload(tokio_stream::iter(vec![
+            start(0),
+            chunk(0, data.clone()),
+            complete(&[]),
+        ]))
+        .await;
+    let status = assert_code(refused.map(drop), Code::Unavailable, "second upload");
+    assert!(status.message().contains("retry"), "{}", status.message());
+    // Finishing the first frees the slot.
+    sender.send(chunk(0, data.clone())).await.unwrap();
+    sender.send(complete(&[])).await.unwrap();
+    while let Some(ack) = acks.message().await.unwrap() {
+        if ack.complete.is_some() {
+            break;
+        }
+    }
+    drop(sender);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let other = random_bytes(&mut rng, 5000);
+    put(&mut clients, &other).await;
+    server.stop().await;
+}
+
 // ---------------------------------------------------------------------------------
 // Deadlines, authentication, shutdown
 

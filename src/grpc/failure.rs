@@ -38,6 +38,8 @@ pub(crate) enum Failure {
     Unauthenticated(&'static str),
     /// The server is shutting down and its drain period has run out.
     ShuttingDown,
+    /// The server sheds load: `limit` calls of this kind are already in progress.
+    Busy { what: &'static str, limit: usize },
     /// A client message was over the server's size limit; the text is the transport's.
     /// gRPC's other implementations answer `RESOURCE_EXHAUSTED` for this (tonic's
     /// decoder says `OUT_OF_RANGE`, which the contract does not know).
@@ -81,6 +83,10 @@ pub(crate) fn status(failure: Failure) -> Status {
         Failure::ShuttingDown => (
             Code::Unavailable,
             "the server is shutting down and stopped this request; retry, on another server or once it is back".to_string(),
+        ),
+        Failure::Busy { what, limit } => (
+            Code::Unavailable,
+            format!("{limit} {what} are in progress, the most this server takes at once; retry after a delay"),
         ),
         Failure::MessageTooLarge(text) => (
             Code::ResourceExhausted,

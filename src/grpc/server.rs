@@ -59,6 +59,10 @@ pub struct ServeOptions {
     /// Interval of HTTP/2 pings that find dead clients, so that their uploads are
     /// aborted rather than held (default 30 s; `None` turns them off).
     pub keepalive_interval: Option<Duration>,
+    /// Uploads in progress at once; more are refused with `UNAVAILABLE` (load shedding).
+    /// With the engine's per-upload channel, this bounds upload memory whatever clients
+    /// do: about `uploads_max × (2 + 1) × chunk_bytes_max` at worst (default 256).
+    pub uploads_max: usize,
 }
 
 impl Default for ServeOptions {
@@ -68,6 +72,7 @@ impl Default for ServeOptions {
             drain_timeout: Duration::from_secs(30),
             chunk_bytes_max: 4 * 1024 * 1024,
             keepalive_interval: Some(Duration::from_secs(30)),
+            uploads_max: 256,
         }
     }
 }
@@ -195,12 +200,13 @@ fn routes(
         .send_compressed(CompressionEncoding::Gzip)
         .send_compressed(CompressionEncoding::Zstd)
         .max_decoding_message_size(message_bytes_max);
-    let upload = UploadServiceServer::new(UploadApi::new(engine, drain.clone()))
-        .accept_compressed(CompressionEncoding::Gzip)
-        .accept_compressed(CompressionEncoding::Zstd)
-        .send_compressed(CompressionEncoding::Gzip)
-        .send_compressed(CompressionEncoding::Zstd)
-        .max_decoding_message_size(message_bytes_max);
+    let upload =
+        UploadServiceServer::new(UploadApi::new(engine, drain.clone(), options.uploads_max))
+            .accept_compressed(CompressionEncoding::Gzip)
+            .accept_compressed(CompressionEncoding::Zstd)
+            .send_compressed(CompressionEncoding::Gzip)
+            .send_compressed(CompressionEncoding::Zstd)
+            .max_decoding_message_size(message_bytes_max);
 
     let mut routes = RoutesBuilder::default();
     routes

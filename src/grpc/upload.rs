@@ -32,9 +32,11 @@
 //! content digests, so a retry returns the same key.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use bytes::Bytes;
-use tokio::sync::mpsc;
+
+use tokio::sync::{mpsc, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status, Streaming};
 
@@ -59,15 +61,20 @@ pub(crate) struct UploadApi {
     drain: Drain,
     /// Random per server process, so `upload_id`s of two servers do not repeat.
     instance: u64,
+    /// Permits for uploads in progress (load shedding beyond them).
+    uploads: Arc<Semaphore>,
+    uploads_max: usize,
 }
 
 impl UploadApi {
-    pub(crate) fn new(engine: Engine, drain: Drain) -> UploadApi {
+    pub(crate) fn new(engine: Engine, drain: Drain, uploads_max: usize) -> UploadApi {
         use std::hash::{BuildHasher, RandomState};
         UploadApi {
             engine,
             drain,
             instance: RandomState::new().hash_one(std::process::id()),
+            uploads: Arc::new(Semaphore::new(uploads_max)),
+            uploads_max,
         }
     }
 }
@@ -80,6 +87,12 @@ impl UploadService for UploadApi {
         &self,
         request: Request<Streaming<UploadMessage>>,
     ) -> Result<Response<Self::UploadStream>, Status> {
+        let permit = self.uploads.clone().try_acquire_owned().map_err(|_| {
+            status(Failure::Busy {
+                what: "uploads",
+                limit: self.uploads_max,
+            })
+        })?;
         let deadline = Deadline::from_metadata(request.metadata());
         let inbound = request.into_inner();
         let (acks, queue) = mpsc::channel(ACK_QUEUE_DEPTH);
@@ -88,7 +101,11 @@ impl UploadService for UploadApi {
             instance: self.instance,
             acks,
         };
-        tokio::spawn(task.run(inbound, deadline, self.drain.clone()));
+        let drain = self.drain.clone();
+        tokio::spawn(async move {
+            task.run(inbound, deadline, drain).await;
+            drop(permit);
+        });
         Ok(Response::new(ReceiverStream::new(queue)))
     }
 }
