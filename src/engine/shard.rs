@@ -45,7 +45,7 @@ use super::types::{BlobKey, BlobMeta, ByteRange, ListQuery};
 use super::{EngineConfig, ShardStatus};
 
 /// Writes of one upload in flight at once.
-const WRITES_IN_FLIGHT: usize = 2;
+const WRITES_IN_FLIGHT: usize = 8;
 /// Reads of one stream in flight at once.
 const READS_IN_FLIGHT: usize = 2;
 /// Streams up to this size are read with one small buffer.
