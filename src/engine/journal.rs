@@ -75,26 +75,18 @@ impl<D: Disk> Journal<D> {
         poisoned: Rc<Cell<bool>>,
     ) -> Result<Journal<D>> {
         let file = create_journal_file(&disk, shard, dir, generation, capacity_bytes)?;
-        Ok(Journal {
+        // A new journal is an existing one whose records end right after the header.
+        Ok(Journal::resume(
             disk,
             shard,
-            dir: dir.to_path_buf(),
+            dir,
+            generation,
+            file,
+            HEADER_BYTES,
+            Vec::new(),
             capacity_bytes,
-            state: RefCell::new(State {
-                file,
-                generation,
-                end: HEADER_BYTES,
-                tail: Vec::new(),
-                staged: Vec::new(),
-                staged_records: Vec::new(),
-                next_ticket: 0,
-                flushing: false,
-                pending: HashMap::new(),
-            }),
-            durable: Signal::default(),
             poisoned,
-            checkpointing: Rc::new(Cell::new(false)),
-        })
+        ))
     }
 
     /// Continues an existing journal whose valid records end at `end`.
