@@ -924,15 +924,16 @@ async fn oversized_chunks_are_refused_and_store_nothing() {
     server.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cancelled_uploads_store_nothing() {
-    let server = TestServer::start("cancelled", ServeOptions::default()).await;
-    let mut clients = server.clients().await;
-    let mut rng = rng("cancelled_uploads_store_nothing");
-    let data = random_bytes(&mut rng, 2 * MIB);
+/// Opens an upload stream that stays open, sends `first`, and waits for the first ack
+/// (sent right after `start`, with nothing received yet).
+async fn open_upload(
+    clients: &mut Clients,
+    first: Vec<UploadMessage>,
+) -> (mpsc::Sender<UploadMessage>, tonic::Streaming<UploadAck>) {
     let (sender, outbound) = mpsc::channel(8);
-    sender.send(start(0)).await.unwrap();
-    sender.send(chunk(0, data.slice(..MIB))).await.unwrap();
+    for message in first {
+        sender.send(message).await.unwrap();
+    }
     let mut acks = clients
         .uploads
         .upload(ReceiverStream::new(outbound))
@@ -940,6 +941,17 @@ async fn cancelled_uploads_store_nothing() {
         .unwrap()
         .into_inner();
     assert_eq!(acks.message().await.unwrap().unwrap().received_bytes, 0);
+    (sender, acks)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_uploads_store_nothing() {
+    let server = TestServer::start("cancelled", ServeOptions::default()).await;
+    let mut clients = server.clients().await;
+    let mut rng = rng("cancelled_uploads_store_nothing");
+    let data = random_bytes(&mut rng, 2 * MIB);
+    let (sender, acks) =
+        open_upload(&mut clients, vec![start(0), chunk(0, data.slice(..MIB))]).await;
     // The client gives up: drops both directions of the stream.
     drop(acks);
     drop(sender);
@@ -965,15 +977,7 @@ async fn uploads_beyond_the_limit_are_shed_with_unavailable() {
     let mut rng = rng("uploads_beyond_the_limit_are_shed_with_unavailable");
     let data = random_bytes(&mut rng, 3000);
     // One upload in progress holds the only slot.
-    let (sender, outbound) = mpsc::channel(8);
-    sender.send(start(0)).await.unwrap();
-    let mut acks = clients
-        .uploads
-        .upload(ReceiverStream::new(outbound))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(acks.message().await.unwrap().unwrap().received_bytes, 0);
+    let (sender, mut acks) = open_upload(&mut clients, vec![start(0)]).await;
     let refused = clients
         .uploads
         .upload(tokio_stream::iter(vec![

@@ -432,12 +432,12 @@ impl<D: Disk> Shard<D> {
         })?;
         // Open the blob's files now, in the same step as the lookup: compaction may move
         // the blob and remove its segments later, and open handles keep the data readable.
-        let blob = Rc::new(OpenBlob::open(&self.segments, &entry)?);
+        let files = Rc::new(OpenFiles::open(&self.segments, &entry.location)?);
         let (sender, receiver) = mpsc::channel(self.config.read_channel_depth);
         let shard = self.clone();
         let meta = entry.meta(key);
         monoio::spawn(async move {
-            if let Err(error) = shard.stream_read(&blob, start, end, &sender).await {
+            if let Err(error) = shard.stream_read(&entry, &files, start, end, &sender).await {
                 let _ = sender.send(Err(error)).await;
             }
         });
@@ -452,7 +452,8 @@ impl<D: Disk> Shard<D> {
     /// Sends `[start, end)` of a blob, in order, as verified slices of read buffers.
     async fn stream_read(
         self: &Rc<Self>,
-        blob: &Rc<OpenBlob<D>>,
+        entry: &Rc<Entry>,
+        files: &Rc<OpenFiles<D>>,
         start: u64,
         end: u64,
         sender: &mpsc::Sender<Result<Bytes>>,
@@ -460,14 +461,14 @@ impl<D: Disk> Shard<D> {
         if start == end {
             return Ok(());
         }
-        let entry = &blob.entry;
         let size = entry.size;
         let stream_bytes = entry.location.stream_bytes();
         if stream_bytes <= SMALL_READ_BYTES {
             // One read holds the data and the CRC table.
-            let pool = &self.small_read_pool;
-            let buf = pool.take().await;
-            let buf = self.read_stream(blob, 0, stream_bytes, buf).await?;
+            let buf = self.small_read_pool.take().await;
+            let buf = self
+                .read_stream(&entry.location, files, 0, stream_bytes, buf)
+                .await?;
             let table = &buf.as_slice()[size as usize..format::stream_payload_bytes(size) as usize];
             let crcs: Vec<u32> = table
                 .chunks_exact(4)
@@ -486,7 +487,7 @@ impl<D: Disk> Shard<D> {
             let _ = sender.send(Ok(bytes)).await;
             return Ok(());
         }
-        let crcs = self.read_crcs(blob, start, end).await?;
+        let crcs = self.read_crcs(entry, files, start, end).await?;
         let first_chunk = start / CHUNK_BYTES;
         // Read only the chunks that cover the range, in pieces that end on unit
         // boundaries (so that no read straddles two extents).
@@ -497,13 +498,16 @@ impl<D: Disk> Shard<D> {
         loop {
             while unit < end && reads.len() < READS_IN_FLIGHT {
                 let shard = self.clone();
-                let blob = blob.clone();
+                let (entry, files) = (entry.clone(), files.clone());
                 let next = (round_down_u64(unit, UNIT_BYTES) + UNIT_BYTES).min(read_end);
                 let len = next - unit;
                 let at = unit;
                 reads.push_back(monoio::spawn(async move {
                     let buf = shard.read_pool.take().await;
-                    Ok((at, shard.read_stream(&blob, at, len, buf).await?))
+                    let buf = shard
+                        .read_stream(&entry.location, &files, at, len, buf)
+                        .await?;
+                    Ok((at, buf))
                 }));
                 unit = next;
             }
@@ -535,13 +539,14 @@ impl<D: Disk> Shard<D> {
     /// Reads stream bytes `[at, at+len)` (aligned) of a blob into `buf`.
     async fn read_stream(
         &self,
-        blob: &OpenBlob<D>,
+        location: &Location,
+        files: &OpenFiles<D>,
         at: u64,
         len: u64,
         mut buf: AlignedBuf,
     ) -> Result<AlignedBuf> {
-        for (extent, offset, piece) in blob.entry.location.map(at, len) {
-            let file = blob.file(extent.segment);
+        for (extent, offset, piece) in location.map(at, len) {
+            let file = files.file(extent.segment);
             let (result, back) = file.read_at(buf, offset, piece as usize).await;
             buf = back;
             result.map_err(|e| Error::io("read", self.segments.path(extent.segment), offset, e))?;
@@ -550,8 +555,13 @@ impl<D: Disk> Shard<D> {
     }
 
     /// The CRCs of the chunks covering `[start, end)` of a large blob.
-    async fn read_crcs(&self, blob: &OpenBlob<D>, start: u64, end: u64) -> Result<Vec<u32>> {
-        let entry = &blob.entry;
+    async fn read_crcs(
+        &self,
+        entry: &Entry,
+        files: &OpenFiles<D>,
+        start: u64,
+        end: u64,
+    ) -> Result<Vec<u32>> {
         let (first, last) = (start / CHUNK_BYTES, end.div_ceil(CHUNK_BYTES));
         let table_from = entry.size + 4 * first;
         let table_to = entry.size + 4 * last;
@@ -559,7 +569,7 @@ impl<D: Disk> Shard<D> {
         let read_to = round_up_u64(table_to, ALIGN);
         let buf = AlignedBuf::zeroed((read_to - read_from) as usize);
         let buf = self
-            .read_stream(blob, read_from, read_to - read_from, buf)
+            .read_stream(&entry.location, files, read_from, read_to - read_from, buf)
             .await?;
         let table =
             &buf.as_slice()[(table_from - read_from) as usize..(table_to - read_from) as usize];
@@ -671,22 +681,14 @@ impl<D: Disk> Shard<D> {
         for (key, from) in blobs {
             self.check_writable()?;
             let stream_bytes = from.stream_bytes();
-            let source = OpenBlob::open(
-                &self.segments,
-                &Entry {
-                    size: 0,
-                    created_unix_ns: 0,
-                    attributes: BTreeMap::new(),
-                    location: from.clone(),
-                },
-            )?;
+            let source = OpenFiles::open(&self.segments, &from)?;
             let mut stream = StreamWriterRef::new(self, Some(stream_bytes));
             let mut at = 0;
             let copied: Result<Location> = async {
                 while at < stream_bytes {
                     let len = UNIT_BYTES.min(stream_bytes - at);
                     let buf = self.read_pool.take().await;
-                    let buf = self.read_stream(&source, at, len, buf).await?;
+                    let buf = self.read_stream(&from, &source, at, len, buf).await?;
                     stream.push(buf.as_slice()).await?;
                     at += len;
                 }
@@ -727,23 +729,19 @@ impl<D: Disk> Shard<D> {
     }
 }
 
-/// A blob's entry with its segment files open, so that it stays readable for as long
-/// as this lives, even if compaction moves the blob and removes the segments.
-struct OpenBlob<D: Disk> {
-    entry: Rc<Entry>,
+/// The segment files of a blob's location, open, so that the blob stays readable for
+/// as long as this lives, even if compaction moves it and removes the segments.
+struct OpenFiles<D: Disk> {
     files: Vec<(SegmentId, D::File)>,
 }
 
-impl<D: Disk> OpenBlob<D> {
-    fn open(segments: &Segments<D>, entry: &Entry) -> Result<OpenBlob<D>> {
+impl<D: Disk> OpenFiles<D> {
+    fn open(segments: &Segments<D>, location: &Location) -> Result<OpenFiles<D>> {
         let mut files = Vec::new();
-        for segment in distinct_segments(&entry.location) {
+        for segment in distinct_segments(location) {
             files.push((segment, segments.file(segment)?));
         }
-        Ok(OpenBlob {
-            entry: Rc::new(entry.clone()),
-            files,
-        })
+        Ok(OpenFiles { files })
     }
 
     fn file(&self, segment: SegmentId) -> &D::File {
