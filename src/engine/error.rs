@@ -62,6 +62,48 @@ impl Error {
     }
 }
 
+impl Error {
+    /// The same failure again, for each of several requests that shared one operation
+    /// (a group write). An I/O error keeps its OS code and text.
+    pub fn duplicate(&self) -> Error {
+        match self {
+            Error::NotFound(key) => Error::NotFound(*key),
+            Error::InvalidArgument(text) => Error::InvalidArgument(text.clone()),
+            Error::HashMismatch { expected, actual } => Error::HashMismatch {
+                expected: *expected,
+                actual: *actual,
+            },
+            Error::SizeMismatch { declared, received } => Error::SizeMismatch {
+                declared: *declared,
+                received: *received,
+            },
+            Error::NoSpace { path } => Error::NoSpace { path: path.clone() },
+            Error::Poisoned { shard } => Error::Poisoned { shard: *shard },
+            Error::Corrupt { path, offset, what } => Error::Corrupt {
+                path: path.clone(),
+                offset: *offset,
+                what,
+            },
+            Error::Io {
+                op,
+                path,
+                offset,
+                source,
+            } => Error::Io {
+                op,
+                path: path.clone(),
+                offset: *offset,
+                source: match source.raw_os_error() {
+                    Some(code) => io::Error::from_raw_os_error(code),
+                    None => io::Error::new(source.kind(), source.to_string()),
+                },
+            },
+            Error::ShuttingDown => Error::ShuttingDown,
+            Error::Config(text) => Error::Config(text.clone()),
+        }
+    }
+}
+
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

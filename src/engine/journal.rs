@@ -196,6 +196,10 @@ impl<D: Disk> Journal<D> {
                 !std::mem::replace(&mut state.flushing, true)
             };
             if start {
+                // Let every task that is ready now run first (a spawned task goes to the
+                // back of the run queue), so that commits woken together, such as a group
+                // write's blobs, stage their records before this flush takes the batch.
+                monoio::spawn(async {}).await;
                 let result = self.flush(index).await;
                 self.state.borrow_mut().flushing = false;
                 self.durable.notify(); // waiters re-check: durable, poisoned, or flush again

@@ -8,7 +8,10 @@
 //!
 //! Routing (DESIGN.md): a key's owner is [`BlobKey::owner`]; reads, stats, deletes and
 //! listings go to owners; an upload streams into the least-loaded *ingest* shard, which
-//! hands the blob's location to the owner at commit.
+//! hands the blob's location to the owner at commit. A small upload (at most
+//! `small_blob_bytes`, 64 KiB by default) is held by its [`Upload`] and sent whole at
+//! complete: the ingest shard hashes it and hands the bytes themselves to the owner,
+//! which writes them with other small blobs in one group write and commits them.
 //!
 //! Guarantees, for every blob: `Upload::complete` returns only after the blob's data and
 //! its commit record are durable; a blob is visible to reads, stats and listings only
@@ -24,6 +27,7 @@ mod recovery;
 mod segments;
 mod shard;
 mod signal;
+mod small;
 pub mod types;
 
 use std::collections::BTreeMap;
@@ -46,6 +50,9 @@ pub use types::{BlobKey, BlobMeta, ByteRange, ListQuery, CONTENT_TYPE, KEY_BYTES
 
 use recovery::{open_shard, ShardWiring};
 use shard::{Request, UploadMsg};
+
+/// Largest `small_blob_bytes`: half a group write (see `small.rs`).
+pub const SMALL_BLOB_BYTES_MAX: u64 = small::BATCH_BYTES_MAX / 2;
 
 /// How to run the engine. [`EngineConfig::new`] gives the defaults.
 #[derive(Clone, Debug)]
@@ -70,6 +77,10 @@ pub struct EngineConfig {
     pub read_buffers: usize,
     /// 64 KiB read buffers per shard, for small blobs.
     pub small_read_buffers: usize,
+    /// Uploads of at most this many bytes are held by the caller until complete and
+    /// then stored in one message to a shard: the small-blob path (see [`Upload`]).
+    /// At most [`SMALL_BLOB_BYTES_MAX`]; 0 turns the path off.
+    pub small_blob_bytes: u64,
     /// Chunks buffered between an upload's producer and its shard.
     pub upload_channel_depth: usize,
     /// Pieces buffered between a shard and a reader.
@@ -96,6 +107,7 @@ impl EngineConfig {
             write_buffers: 48,
             read_buffers: 64,
             small_read_buffers: 512,
+            small_blob_bytes: format::CHUNK_BYTES,
             upload_channel_depth: 2,
             read_channel_depth: 4,
             inbox_depth: 1024,
@@ -124,6 +136,7 @@ pub struct ShardHealth {
 
 struct Inner {
     upload_channel_depth: usize,
+    small_blob_bytes: u64,
     /// Next upload id: distinct within this process.
     next_upload_id: AtomicU64,
     shards: Vec<(mpsc::Sender<Request>, Arc<ShardStatus>)>,
@@ -210,6 +223,7 @@ impl Engine {
         let engine = Engine {
             inner: Arc::new(Inner {
                 upload_channel_depth: config.upload_channel_depth.max(1),
+                small_blob_bytes: config.small_blob_bytes.min(SMALL_BLOB_BYTES_MAX),
                 next_upload_id: AtomicU64::new(1),
                 shards: senders.into_iter().zip(statuses).collect(),
                 threads: Mutex::new(threads),
@@ -272,6 +286,7 @@ impl Engine {
         Ok(Engine {
             inner: Arc::new(Inner {
                 upload_channel_depth: config.upload_channel_depth.max(1),
+                small_blob_bytes: config.small_blob_bytes.min(SMALL_BLOB_BYTES_MAX),
                 next_upload_id: AtomicU64::new(1),
                 shards: senders.into_iter().zip(statuses).collect(),
                 threads: Mutex::new(Vec::new()),
@@ -328,43 +343,32 @@ impl Engine {
         answer.await.map_err(|_| Error::ShuttingDown)
     }
 
-    /// Starts an upload on the least-loaded shard that takes writes. `total_size`, if
-    /// given, is checked at complete (and lets the shard allocate the space at once).
+    /// Starts an upload. `total_size`, if given, is checked at complete (and lets the
+    /// shard allocate the space at once). An upload declared larger than
+    /// `small_blob_bytes` starts streaming into the least-loaded shard that takes writes
+    /// now; a smaller or undeclared one is held by the [`Upload`] until it completes or
+    /// outgrows that size.
     pub async fn upload(
         &self,
         total_size: Option<u64>,
         attributes: BTreeMap<String, String>,
     ) -> Result<Upload> {
         format::validate_attributes(&attributes).map_err(Error::InvalidArgument)?;
-        let (sender, status) = self
-            .inner
-            .shards
-            .iter()
-            .filter(|(_, status)| !status.poisoned.load(Ordering::Relaxed))
-            .min_by_key(|(_, status)| status.active_uploads.load(Ordering::Relaxed))
-            .ok_or(Error::Poisoned { shard: 0 })?;
-        let (tx, chunks_rx) = mpsc::channel(self.inner.upload_channel_depth);
-        let (failed_tx, failed) = oneshot::channel();
-        status.active_uploads.fetch_add(1, Ordering::Relaxed);
-        let load = LoadGuard(status.clone());
-        sender
-            .send(Request::Upload {
-                total: total_size,
-                attributes,
-                chunks: chunks_rx,
-                failed: failed_tx,
-            })
-            .await
-            .map_err(|_| Error::ShuttingDown)?;
-        let id = self.inner.next_upload_id.fetch_add(1, Ordering::Relaxed);
-        Ok(Upload {
-            id,
-            tx,
-            failed,
-            accepted: 0,
+        self.inner.ingest_shard()?; // fail early when no shard takes writes
+        let mut upload = Upload {
+            id: self.inner.next_upload_id.fetch_add(1, Ordering::Relaxed),
+            inner: self.inner.clone(),
             declared: total_size,
-            _load: load,
-        })
+            accepted: 0,
+            state: UploadState::Held {
+                pieces: Vec::new(),
+                attributes,
+            },
+        };
+        if total_size.is_some_and(|size| size > self.inner.small_blob_bytes) {
+            upload.start_stream().await?;
+        }
+        Ok(upload)
     }
 
     /// Streams a blob or a range of it.
@@ -493,6 +497,21 @@ impl Engine {
     }
 }
 
+impl Inner {
+    /// The least-loaded shard that takes writes, counted as loaded by one more upload
+    /// while the guard lives.
+    fn ingest_shard(&self) -> Result<(mpsc::Sender<Request>, LoadGuard)> {
+        let (sender, status) = self
+            .shards
+            .iter()
+            .filter(|(_, status)| !status.poisoned.load(Ordering::Relaxed))
+            .min_by_key(|(_, status)| status.active_uploads.load(Ordering::Relaxed))
+            .ok_or(Error::Poisoned { shard: 0 })?;
+        status.active_uploads.fetch_add(1, Ordering::Relaxed);
+        Ok((sender.clone(), LoadGuard(status.clone())))
+    }
+}
+
 /// Counts an upload against its ingest shard while it lives.
 struct LoadGuard(Arc<ShardStatus>);
 
@@ -504,13 +523,36 @@ impl Drop for LoadGuard {
 
 /// An upload in progress. Dropping it without [`Upload::complete`] abandons it: nothing
 /// becomes visible and its space is reclaimed.
+///
+/// Small blobs take a shorter path. Until more than `small_blob_bytes` have arrived, the
+/// upload only holds the chunks (shared `Bytes`, at most [`HELD_PIECES_MAX`] of them); at
+/// complete it sends the whole blob to a shard in one message, and that shard hashes it
+/// and has the key's owner write data and commit record itself: no stream, no commit
+/// hop. An upload that outgrows the limit starts its stream then, with what it held.
 pub struct Upload {
     id: u64,
-    tx: mpsc::Sender<UploadMsg>,
-    failed: oneshot::Receiver<Error>,
-    accepted: u64,
+    inner: Arc<Inner>,
     declared: Option<u64>,
-    _load: LoadGuard,
+    accepted: u64,
+    state: UploadState,
+}
+
+/// Held chunks beyond this many are copied into one, so that a client sending tiny
+/// chunks cannot pin many receive buffers.
+const HELD_PIECES_MAX: usize = 16;
+
+enum UploadState {
+    Held {
+        pieces: Vec<Bytes>,
+        attributes: BTreeMap<String, String>,
+    },
+    Streaming {
+        tx: mpsc::Sender<UploadMsg>,
+        failed: oneshot::Receiver<Error>,
+        _load: LoadGuard,
+    },
+    /// The stream could not be started; the upload fails.
+    Failed,
 }
 
 impl Upload {
@@ -519,8 +561,48 @@ impl Upload {
         self.id
     }
 
-    /// Moves one chunk into the upload's bounded channel, waiting while it is full.
-    /// Returns the bytes accepted so far.
+    /// Starts the stream into an ingest shard and moves the held chunks into it.
+    async fn start_stream(&mut self) -> Result<()> {
+        let UploadState::Held { pieces, attributes } =
+            std::mem::replace(&mut self.state, UploadState::Failed)
+        else {
+            unreachable!("a stream starts once, from the held state")
+        };
+        let (sender, load) = self.inner.ingest_shard()?;
+        let (tx, chunks) = mpsc::channel(self.inner.upload_channel_depth);
+        let (failed_tx, failed) = oneshot::channel();
+        sender
+            .send(Request::Upload {
+                total: self.declared,
+                attributes,
+                chunks,
+                failed: failed_tx,
+            })
+            .await
+            .map_err(|_| Error::ShuttingDown)?;
+        self.state = UploadState::Streaming {
+            tx,
+            failed,
+            _load: load,
+        };
+        for piece in pieces {
+            self.send(UploadMsg::Data(piece)).await?;
+        }
+        Ok(())
+    }
+
+    async fn send(&mut self, message: UploadMsg) -> Result<()> {
+        match &mut self.state {
+            UploadState::Streaming { tx, failed, .. } => match tx.send(message).await {
+                Ok(()) => Ok(()),
+                Err(_) => Err(failed.try_recv().unwrap_or(Error::ShuttingDown)),
+            },
+            _ => unreachable!("sent only while streaming"),
+        }
+    }
+
+    /// Moves one chunk into the upload (held, or into its bounded channel, waiting while
+    /// it is full). Returns the bytes accepted so far.
     pub async fn write(&mut self, chunk: Bytes) -> Result<u64> {
         let received = self.accepted + chunk.len() as u64;
         if let Some(declared) = self.declared.filter(|&d| received > d) {
@@ -529,8 +611,21 @@ impl Upload {
         if chunk.is_empty() {
             return Ok(self.accepted);
         }
-        if self.tx.send(UploadMsg::Data(chunk)).await.is_err() {
-            return Err(self.failure());
+        match &mut self.state {
+            UploadState::Held { pieces, .. } if received <= self.inner.small_blob_bytes => {
+                pieces.push(chunk);
+                if pieces.len() > HELD_PIECES_MAX {
+                    let mut joined = Vec::with_capacity(received as usize);
+                    joined.extend(pieces.iter().flat_map(|p| p.iter().copied()));
+                    *pieces = vec![Bytes::from(joined)];
+                }
+            }
+            UploadState::Held { .. } => {
+                self.start_stream().await?;
+                self.send(UploadMsg::Data(chunk)).await?;
+            }
+            UploadState::Streaming { .. } => self.send(UploadMsg::Data(chunk)).await?,
+            UploadState::Failed => return Err(Error::ShuttingDown),
         }
         self.accepted = received;
         Ok(received)
@@ -543,22 +638,36 @@ impl Upload {
     /// Ends the upload. Returns once data and commit record are durable.
     pub async fn complete(mut self, expected: Option<BlobKey>) -> Result<BlobMeta> {
         let (reply, answer) = oneshot::channel();
-        if self
-            .tx
-            .send(UploadMsg::Complete { expected, reply })
-            .await
-            .is_err()
-        {
-            return Err(self.failure());
+        match std::mem::replace(&mut self.state, UploadState::Failed) {
+            UploadState::Held { pieces, attributes } => {
+                let (sender, _load) = self.inner.ingest_shard()?;
+                sender
+                    .send(Request::Put {
+                        pieces,
+                        declared: self.declared,
+                        expected,
+                        attributes,
+                        reply,
+                    })
+                    .await
+                    .map_err(|_| Error::ShuttingDown)?;
+                answer.await.map_err(|_| Error::ShuttingDown)?
+            }
+            state @ UploadState::Streaming { .. } => {
+                self.state = state;
+                self.send(UploadMsg::Complete { expected, reply }).await?;
+                match answer.await {
+                    Ok(result) => result,
+                    Err(_) => match &mut self.state {
+                        UploadState::Streaming { failed, .. } => {
+                            Err(failed.try_recv().unwrap_or(Error::ShuttingDown))
+                        }
+                        _ => unreachable!("still streaming"),
+                    },
+                }
+            }
+            UploadState::Failed => Err(Error::ShuttingDown),
         }
-        match answer.await {
-            Ok(result) => result,
-            Err(_) => Err(self.failure()),
-        }
-    }
-
-    fn failure(&mut self) -> Error {
-        self.failed.try_recv().unwrap_or(Error::ShuttingDown)
     }
 }
 

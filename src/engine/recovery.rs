@@ -302,6 +302,7 @@ pub async fn open_shard<D: Disk>(disk: D, wiring: ShardWiring) -> Result<Rc<Shar
         write_pool: BufPool::new(UNIT_BYTES as usize, config.write_buffers),
         read_pool: BufPool::new(UNIT_BYTES as usize, config.read_buffers),
         small_read_pool: BufPool::new(64 * 1024, config.small_read_buffers),
+        small: Default::default(),
         closing: Cell::new(false),
         config,
     }))

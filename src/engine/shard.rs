@@ -10,6 +10,10 @@
 //!   aligned buffer, feeds BLAKE3 and the chunk CRCs, and writes full buffers to extents
 //!   it allocates, a few writes in flight. At complete it checks size and hash, appends
 //!   the CRC table, pads, fdatasyncs the segments, and sends a Put to the key's owner.
+//! - **Small put** ([`Shard::put`], [`Shard::store_small`]): a whole small blob comes in
+//!   one message; the shard hashes it and hands it to the key's owner (itself, or a peer
+//!   that then answers the client), which writes data and CRC in one aligned write to
+//!   its own segment, fdatasyncs it, and commits: no stream and no commit hop.
 //! - **Commit** ([`Shard::commit`]): the owner journals the Put (group commit) and only
 //!   then indexes it and answers; identical content already stored is answered from the
 //!   index (deduplication). The ingest shard answers the client after the owner did.
@@ -41,6 +45,7 @@ use super::format::{
 use super::index::{Entry, Index};
 use super::journal::Journal;
 use super::segments::Segments;
+use super::small::SmallWrites;
 use super::types::{BlobKey, BlobMeta, ByteRange, ListQuery};
 use super::{EngineConfig, ShardStatus};
 
@@ -55,6 +60,23 @@ const UNDECLARED_PIECE_BYTES_MAX: u64 = 64 * UNIT_BYTES;
 
 /// A message to a shard.
 pub enum Request {
+    /// A whole small blob, from the front-end to an ingest shard.
+    Put {
+        pieces: Vec<Bytes>,
+        declared: Option<u64>,
+        expected: Option<BlobKey>,
+        attributes: BTreeMap<String, String>,
+        reply: oneshot::Sender<Result<BlobMeta>>,
+    },
+    /// A whole small blob, hashed and checked, from an ingest shard to the key's owner,
+    /// which stores it and answers the front-end.
+    PutOwned {
+        key: BlobKey,
+        size: u64,
+        pieces: Vec<Bytes>,
+        attributes: BTreeMap<String, String>,
+        reply: oneshot::Sender<Result<BlobMeta>>,
+    },
     Upload {
         total: Option<u64>,
         attributes: BTreeMap<String, String>,
@@ -137,6 +159,7 @@ pub struct Shard<D: Disk> {
     pub(super) write_pool: BufPool,
     pub(super) read_pool: BufPool,
     pub(super) small_read_pool: BufPool,
+    pub(super) small: SmallWrites,
     pub(super) closing: Cell<bool>,
 }
 
@@ -180,6 +203,25 @@ impl<D: Disk> Shard<D> {
                 chunks,
                 failed,
             } => self.ingest(total, attributes, chunks, failed).await,
+            Request::Put {
+                pieces,
+                declared,
+                expected,
+                attributes,
+                reply,
+            } => {
+                self.put(pieces, declared, expected, attributes, reply)
+                    .await
+            }
+            Request::PutOwned {
+                key,
+                size,
+                pieces,
+                attributes,
+                reply,
+            } => {
+                let _ = reply.send(self.store_small(key, size, &pieces, attributes).await);
+            }
             Request::Get { key, range, reply } => {
                 let _ = reply.send(self.get(key, range));
             }
@@ -223,7 +265,7 @@ impl<D: Disk> Shard<D> {
         }
     }
 
-    fn check_writable(&self) -> Result<()> {
+    pub(super) fn check_writable(&self) -> Result<()> {
         if self.poisoned.get() {
             self.status.poisoned.store(true, Ordering::Relaxed);
             return Err(Error::Poisoned { shard: self.id });
@@ -291,16 +333,9 @@ impl<D: Disk> Shard<D> {
         expected: Option<BlobKey>,
         attributes: BTreeMap<String, String>,
     ) -> Result<BlobMeta> {
-        if let Some(declared) = declared.filter(|&d| d != received) {
+        if let Err(error) = check_complete(key, received, declared, expected) {
             stream.abandon().await;
-            return Err(Error::SizeMismatch { declared, received });
-        }
-        if let Some(expected) = expected.filter(|&e| e != key) {
-            stream.abandon().await;
-            return Err(Error::HashMismatch {
-                expected,
-                actual: key,
-            });
+            return Err(error);
         }
         let written = async {
             stream.push(&crcs.finish()).await?;
@@ -349,6 +384,85 @@ impl<D: Disk> Shard<D> {
             .await
             .map_err(|_| Error::ShuttingDown)?;
         answer.await.map_err(|_| Error::ShuttingDown)?
+    }
+
+    // ----- small blobs --------------------------------------------------------------
+
+    /// A whole small blob: hashes and checks it, then has the key's owner store it. A
+    /// peer owner answers `reply` itself.
+    async fn put(
+        self: &Rc<Self>,
+        pieces: Vec<Bytes>,
+        declared: Option<u64>,
+        expected: Option<BlobKey>,
+        attributes: BTreeMap<String, String>,
+        reply: oneshot::Sender<Result<BlobMeta>>,
+    ) {
+        let mut hasher = blake3::Hasher::new();
+        let mut size = 0;
+        for piece in &pieces {
+            hasher.update(piece);
+            size += piece.len() as u64;
+        }
+        let key = BlobKey(*hasher.finalize().as_bytes());
+        if let Err(error) = check_complete(key, size, declared, expected) {
+            let _ = reply.send(Err(error));
+            return;
+        }
+        let owner = key.owner(self.count);
+        if owner == self.id {
+            let _ = reply.send(self.store_small(key, size, &pieces, attributes).await);
+            return;
+        }
+        let request = Request::PutOwned {
+            key,
+            size,
+            pieces,
+            attributes,
+            reply,
+        };
+        if let Err(mpsc::error::SendError(Request::PutOwned { reply, .. })) =
+            self.peers[owner].send(request).await
+        {
+            let _ = reply.send(Err(Error::ShuttingDown));
+        }
+    }
+
+    /// Stores a small blob this shard owns: its stream goes out with the next group
+    /// write ([`super::small`]), then it is committed. Identical content already stored
+    /// is not written.
+    async fn store_small(
+        self: &Rc<Self>,
+        key: BlobKey,
+        size: u64,
+        pieces: &[Bytes],
+        attributes: BTreeMap<String, String>,
+    ) -> Result<BlobMeta> {
+        self.check_writable()?;
+        self.settle(&key).await?;
+        if let Some(entry) = self.index.borrow().get(&key) {
+            return Ok(entry.meta(key)); // identical content is stored once
+        }
+        let extents = if size > 0 {
+            vec![self
+                .write_small(pieces, size)
+                .await
+                .inspect_err(|_| self.note_poison())?]
+        } else {
+            Vec::new() // an empty blob has no stream
+        };
+        let put = PutRecord {
+            key,
+            size,
+            created_unix_ns: unix_now_ns(),
+            location: Location {
+                extents: extents.clone(),
+            },
+            attributes,
+        };
+        let result = self.commit(put).await;
+        self.segments.release(&extents);
+        result
     }
 
     // ----- owner side ---------------------------------------------------------------
@@ -760,6 +874,25 @@ fn distinct_segments(location: &Location) -> Vec<SegmentId> {
     segments
 }
 
+/// The checks at complete: the size declared at start and the hash the client expects.
+fn check_complete(
+    key: BlobKey,
+    received: u64,
+    declared: Option<u64>,
+    expected: Option<BlobKey>,
+) -> Result<()> {
+    if let Some(declared) = declared.filter(|&d| d != received) {
+        return Err(Error::SizeMismatch { declared, received });
+    }
+    if let Some(expected) = expected.filter(|&e| e != key) {
+        return Err(Error::HashMismatch {
+            expected,
+            actual: key,
+        });
+    }
+    Ok(())
+}
+
 fn unix_now_ns() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -768,14 +901,14 @@ fn unix_now_ns() -> u64 {
 
 /// The CRCs of a blob's 64 KiB chunks, computed as bytes arrive.
 #[derive(Default)]
-struct ChunkCrcs {
+pub(super) struct ChunkCrcs {
     done: Vec<u8>,
     current: crc32fast::Hasher,
     current_bytes: u64,
 }
 
 impl ChunkCrcs {
-    fn update(&mut self, mut data: &[u8]) {
+    pub(super) fn update(&mut self, mut data: &[u8]) {
         while !data.is_empty() {
             let take = ((CHUNK_BYTES - self.current_bytes) as usize).min(data.len());
             self.current.update(&data[..take]);
@@ -790,7 +923,7 @@ impl ChunkCrcs {
     }
 
     /// The table: one little-endian u32 per chunk.
-    fn finish(mut self) -> Vec<u8> {
+    pub(super) fn finish(mut self) -> Vec<u8> {
         if self.current_bytes > 0 {
             self.done
                 .extend_from_slice(&self.current.finalize().to_le_bytes());
