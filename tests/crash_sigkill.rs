@@ -13,6 +13,8 @@
 //! (round, worker, sequence) by a seeded generator, so the parent can regenerate what
 //! the child sent.
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -20,8 +22,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use graviton::engine::{BlobKey, Engine, EngineConfig, Error, ListQuery};
+use graviton::engine::{BlobKey, Engine, EngineConfig, ListQuery};
 use graviton_io::sim::SimRng;
+
+use common::read_all;
 
 const WORKERS: u64 = 6;
 const ROUNDS: u64 = 3;
@@ -193,15 +197,6 @@ fn run_child(dir: &Path, round: u64, told: &mut Told, kill_after: Duration) -> u
         }
     }
     acknowledged
-}
-
-async fn read_all(engine: &Engine, key: &BlobKey) -> Result<Vec<u8>, Error> {
-    let mut read = engine.get(key, None).await?;
-    let mut bytes = Vec::new();
-    while let Some(piece) = read.next_chunk().await {
-        bytes.extend_from_slice(&piece?);
-    }
-    Ok(bytes)
 }
 
 fn verify(dir: &Path, told: &mut Told, round: u64) {

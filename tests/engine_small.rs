@@ -5,8 +5,10 @@
 //! deduplication, durability across a reopen, and the switch to a stream when an
 //! upload of undeclared size outgrows the limit.
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -15,24 +17,14 @@ use rand::{RngCore, SeedableRng};
 
 const SMALL: u64 = 64 * 1024;
 
-fn test_dir(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join("engine-small")
-        .join(format!("{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("create the test directory");
-    dir
-}
+use common::{read_all, test_dir};
 
-async fn open(dir: &Path) -> Engine {
+fn open(dir: &Path) -> impl std::future::Future<Output = Engine> {
     let mut config = EngineConfig::new(dir);
     config.shards = 2;
     config.pin_cores = false;
     config.small_blob_bytes = SMALL;
-    tokio::task::spawn_blocking(move || Engine::open(config))
-        .await
-        .expect("Engine::open panicked")
-        .expect("open the engine")
+    common::open_engine(config)
 }
 
 fn random(len: usize, seed: u64) -> Vec<u8> {
@@ -58,18 +50,9 @@ async fn put(
     upload.complete(expected).await
 }
 
-async fn read_all(engine: &Engine, key: &BlobKey) -> Result<Vec<u8>, Error> {
-    let mut read = engine.get(key, None).await?;
-    let mut bytes = Vec::new();
-    while let Some(piece) = read.next_chunk().await {
-        bytes.extend_from_slice(&piece?);
-    }
-    Ok(bytes)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn small_blobs_round_trip_and_survive_a_reopen() {
-    let dir = test_dir("round-trip");
+    let dir = test_dir("engine-small", "round-trip");
     let engine = open(&dir).await;
     // Sizes around the CRC chunk and the alignment, the empty blob, and the limit itself.
     let sizes = [0usize, 1, 4095, 4096, 4097, 65_532, 65_535, SMALL as usize];
@@ -109,7 +92,7 @@ async fn small_blobs_round_trip_and_survive_a_reopen() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_hash_or_size_stores_nothing() {
-    let dir = test_dir("refusals");
+    let dir = test_dir("engine-small", "refusals");
     let engine = open(&dir).await;
     let content = random(4096, 7);
     let key = BlobKey::of(&content);
@@ -138,7 +121,7 @@ async fn a_wrong_hash_or_size_stores_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn identical_small_content_is_stored_once() {
-    let dir = test_dir("dedup");
+    let dir = test_dir("engine-small", "dedup");
     let engine = open(&dir).await;
     let content = random(10_000, 3);
     let first = put(&engine, &content, None, 10_000, None).await.unwrap();
@@ -173,7 +156,7 @@ async fn identical_small_content_is_stored_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_undeclared_upload_that_outgrows_the_limit_becomes_a_stream() {
-    let dir = test_dir("outgrow");
+    let dir = test_dir("engine-small", "outgrow");
     let engine = open(&dir).await;
     // Held for the first 64 KiB, then streamed with what was held.
     for (seed, size) in [(1, SMALL as usize + 1), (2, 3 * 1024 * 1024 + 17)] {
@@ -191,7 +174,7 @@ async fn an_undeclared_upload_that_outgrows_the_limit_becomes_a_stream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_small_puts_share_group_writes_and_all_land() {
-    let dir = test_dir("concurrent");
+    let dir = test_dir("engine-small", "concurrent");
     let engine = Arc::new(open(&dir).await);
     let permits = Arc::new(tokio::sync::Semaphore::new(64));
     let mut tasks = Vec::new();

@@ -7,6 +7,8 @@
 //! Content is random; each test prints its seed (`seed=...`), and `GRAVITON_TEST_SEED`
 //! replays one.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -46,22 +48,14 @@ struct TestServer {
 }
 
 fn test_dir(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join("grpc-e2e")
-        .join(format!("{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("create the test directory");
-    dir
+    common::test_dir("grpc-e2e", name)
 }
 
 async fn open_engine(dir: &Path) -> Engine {
     let mut config = EngineConfig::new(dir);
     config.shards = SHARDS;
     config.pin_cores = false;
-    tokio::task::spawn_blocking(move || Engine::open(config))
-        .await
-        .expect("Engine::open panicked")
-        .expect("open the engine")
+    common::open_engine(config).await
 }
 
 impl TestServer {
