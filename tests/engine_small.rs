@@ -143,13 +143,7 @@ async fn identical_small_content_is_stored_once() {
             "answered from the index"
         );
     }
-    let listed = engine
-        .list(graviton::engine::ListQuery {
-            limit: 100,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let listed = common::list_first(&engine, 100).await;
     assert_eq!(listed.len(), 1);
     engine.shutdown().await.unwrap();
 }

@@ -1228,13 +1228,7 @@ async fn shutdown_drains_in_flight_calls_then_refuses() {
         engine.stat(&key_of(&stalled)).await,
         Err(graviton::engine::Error::NotFound(_))
     ));
-    let listed = engine
-        .list(graviton::engine::ListQuery {
-            limit: 100,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let listed = common::list_first(&engine, 100).await;
     assert_eq!(listed.len(), 1);
     engine.shutdown().await.unwrap();
     let _ = std::fs::remove_dir_all(&dir);

@@ -354,7 +354,7 @@ impl Engine {
         attributes: BTreeMap<String, String>,
     ) -> Result<Upload> {
         format::validate_attributes(&attributes).map_err(Error::InvalidArgument)?;
-        self.inner.ingest_shard()?; // fail early when no shard takes writes
+        self.inner.least_loaded()?; // fail early when no shard takes writes
         let mut upload = Upload {
             id: self.inner.next_upload_id.fetch_add(1, Ordering::Relaxed),
             inner: self.inner.clone(),
@@ -498,15 +498,19 @@ impl Engine {
 }
 
 impl Inner {
-    /// The least-loaded shard that takes writes, counted as loaded by one more upload
-    /// while the guard lives.
-    fn ingest_shard(&self) -> Result<(mpsc::Sender<Request>, LoadGuard)> {
-        let (sender, status) = self
-            .shards
+    /// The shard that takes writes with the fewest uploads in progress.
+    fn least_loaded(&self) -> Result<&(mpsc::Sender<Request>, Arc<ShardStatus>)> {
+        self.shards
             .iter()
             .filter(|(_, status)| !status.poisoned.load(Ordering::Relaxed))
             .min_by_key(|(_, status)| status.active_uploads.load(Ordering::Relaxed))
-            .ok_or(Error::Poisoned { shard: 0 })?;
+            .ok_or(Error::Poisoned { shard: 0 })
+    }
+
+    /// The least-loaded shard that takes writes, counted as loaded by one more upload
+    /// while the guard lives.
+    fn ingest_shard(&self) -> Result<(mpsc::Sender<Request>, LoadGuard)> {
+        let (sender, status) = self.least_loaded()?;
         status.active_uploads.fetch_add(1, Ordering::Relaxed);
         Ok((sender.clone(), LoadGuard(status.clone())))
     }
@@ -592,12 +596,22 @@ impl Upload {
     }
 
     async fn send(&mut self, message: UploadMsg) -> Result<()> {
+        let UploadState::Streaming { tx, .. } = &self.state else {
+            unreachable!("sent only while streaming")
+        };
+        match tx.send(message).await {
+            Ok(()) => Ok(()),
+            Err(_) => Err(self.failure()),
+        }
+    }
+
+    /// Why the shard ended the stream (it says so before dropping its end).
+    fn failure(&mut self) -> Error {
         match &mut self.state {
-            UploadState::Streaming { tx, failed, .. } => match tx.send(message).await {
-                Ok(()) => Ok(()),
-                Err(_) => Err(failed.try_recv().unwrap_or(Error::ShuttingDown)),
-            },
-            _ => unreachable!("sent only while streaming"),
+            UploadState::Streaming { failed, .. } => {
+                failed.try_recv().unwrap_or(Error::ShuttingDown)
+            }
+            _ => Error::ShuttingDown,
         }
     }
 
@@ -616,7 +630,9 @@ impl Upload {
                 pieces.push(chunk);
                 if pieces.len() > HELD_PIECES_MAX {
                     let mut joined = Vec::with_capacity(received as usize);
-                    joined.extend(pieces.iter().flat_map(|p| p.iter().copied()));
+                    for piece in pieces.iter() {
+                        joined.extend_from_slice(piece);
+                    }
                     *pieces = vec![Bytes::from(joined)];
                 }
             }
@@ -656,15 +672,7 @@ impl Upload {
             state @ UploadState::Streaming { .. } => {
                 self.state = state;
                 self.send(UploadMsg::Complete { expected, reply }).await?;
-                match answer.await {
-                    Ok(result) => result,
-                    Err(_) => match &mut self.state {
-                        UploadState::Streaming { failed, .. } => {
-                            Err(failed.try_recv().unwrap_or(Error::ShuttingDown))
-                        }
-                        _ => unreachable!("still streaming"),
-                    },
-                }
+                answer.await.unwrap_or_else(|_| Err(self.failure()))
             }
             UploadState::Failed => Err(Error::ShuttingDown),
         }

@@ -12,8 +12,8 @@
 //!   the CRC table, pads, fdatasyncs the segments, and sends a Put to the key's owner.
 //! - **Small put** ([`Shard::put`], [`Shard::store_small`]): a whole small blob comes in
 //!   one message; the shard hashes it and hands it to the key's owner (itself, or a peer
-//!   that then answers the client), which writes data and CRC in one aligned write to
-//!   its own segment, fdatasyncs it, and commits: no stream and no commit hop.
+//!   that then answers the client), which writes it to its own segment with the other
+//!   small blobs of a group write (`small.rs`) and commits it: no stream, no commit hop.
 //! - **Commit** ([`Shard::commit`]): the owner journals the Put (group commit) and only
 //!   then indexes it and answers; identical content already stored is answered from the
 //!   index (deduplication). The ingest shard answers the client after the owner did.
@@ -606,11 +606,8 @@ impl<D: Disk> Shard<D> {
                 buf,
             )
             .await?;
-        let table = &buf.as_slice()[size as usize..format::stream_payload_bytes(size) as usize];
-        let crcs: Vec<u32> = table
-            .chunks_exact(4)
-            .map(|c| u32::from_le_bytes(c.try_into().expect("4")))
-            .collect();
+        let crcs =
+            crc_table(&buf.as_slice()[size as usize..format::stream_payload_bytes(size) as usize]);
         self.verify(
             entry,
             &buf.as_slice()[..size as usize],
@@ -720,12 +717,9 @@ impl<D: Disk> Shard<D> {
         let buf = self
             .read_stream(&entry.location, files, read_from, read_to - read_from, buf)
             .await?;
-        let table =
-            &buf.as_slice()[(table_from - read_from) as usize..(table_to - read_from) as usize];
-        Ok(table
-            .chunks_exact(4)
-            .map(|c| u32::from_le_bytes(c.try_into().expect("4")))
-            .collect())
+        Ok(crc_table(
+            &buf.as_slice()[(table_from - read_from) as usize..(table_to - read_from) as usize],
+        ))
     }
 
     /// Checks the CRC of every chunk overlapping `[from, to)`. `data` holds blob bytes
@@ -907,6 +901,14 @@ fn distinct_segments(location: &Location) -> Vec<SegmentId> {
     let mut segments: Vec<SegmentId> = location.extents.iter().map(|e| e.segment).collect();
     segments.dedup();
     segments
+}
+
+/// A stored CRC table: one little-endian u32 per chunk ([`ChunkCrcs::finish`]).
+fn crc_table(bytes: &[u8]) -> Vec<u32> {
+    bytes
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")))
+        .collect()
 }
 
 /// The checks at complete: the size declared at start and the hash the client expects.

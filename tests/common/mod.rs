@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use graviton::engine::{BlobKey, Engine, EngineConfig, Error};
+use graviton::engine::{BlobKey, BlobMeta, Engine, EngineConfig, Error, ListQuery};
 
 /// A fresh, empty directory for one test, on the target directory's file system (not
 /// /tmp, which may be tmpfs and has no O_DIRECT).
@@ -34,4 +34,15 @@ pub async fn read_all(engine: &Engine, key: &BlobKey) -> Result<Vec<u8>, Error> 
         bytes.extend_from_slice(&piece?);
     }
     Ok(bytes)
+}
+
+/// The first `limit` blobs' metadata, in key order.
+pub async fn list_first(engine: &Engine, limit: usize) -> Vec<BlobMeta> {
+    engine
+        .list(ListQuery {
+            limit,
+            ..Default::default()
+        })
+        .await
+        .expect("list")
 }
