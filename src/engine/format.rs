@@ -14,10 +14,13 @@
 //!
 //! ```text
 //! stream = data (size bytes) | chunk CRCs (u32 per 64 KiB data chunk) | zero padding
+//! stream = data (size bytes) | zero padding      (a blob whose CRC is in its record)
 //! ```
 //!
 //! Chunk `c` covers data bytes `[c*65536, min((c+1)*65536, size))`; its CRC is
-//! `crc32(data of the chunk)`. Every extent but the last has a length that is a multiple
+//! `crc32(data of the chunk)`. A blob of at most one chunk that was written whole (the
+//! small-blob path) keeps its one CRC in its Put record (kind 6) instead of in its
+//! stream, so a 4 KiB blob takes one 4 KiB block, not two. Every extent but the last has a length that is a multiple
 //! of [`UNIT_BYTES`] (1 MiB), so a read unit of the stream never straddles two extents.
 //! A segment has no header: everything about it is in the journal records that point
 //! into it. Space between live extents is dead and is reclaimed by compaction.
@@ -34,6 +37,9 @@
 //! kind 3 Relocate = key[32] | location
 //! kind 4 Seal     = (empty)            the journal is complete; a newer one follows
 //! kind 5 End      = count: u64         last record of a checkpoint
+//! kind 6 PutCrc   = key[32] | size: u64 | created_unix_ns: u64 | location | crc: u32
+//!                   | attributes       a Put whose data CRC is here, not in the stream;
+//!                                      only for size <= 64 KiB (one chunk)
 //! location   = n: u16 | n × (segment_id: u64 | offset: u64 | len: u32)
 //! attributes = n: u16 | n × (key_len: u16 | key | value_len: u32 | value)  (UTF-8)
 //! segment_id = writer_shard << 48 | sequence
@@ -175,6 +181,11 @@ pub fn stream_payload_bytes(size: u64) -> u64 {
     size + 4 * chunk_count(size)
 }
 
+/// True if a blob of `size` bytes may keep its CRC in its record (one chunk at most).
+pub fn crc_fits_record(size: u64) -> bool {
+    size <= CHUNK_BYTES
+}
+
 /// A journal or checkpoint record.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Record {
@@ -192,6 +203,20 @@ pub struct PutRecord {
     pub created_unix_ns: u64,
     pub location: Location,
     pub attributes: BTreeMap<String, String>,
+    /// The CRC of the data, for a blob whose stream has no CRC table (kind 6); `None`
+    /// when the table follows the data in the stream (kind 1).
+    pub data_crc: Option<u32>,
+}
+
+impl PutRecord {
+    /// Bytes of the stream before padding: the data, then the CRC table unless the CRC
+    /// is in the record.
+    pub fn stream_payload_bytes(&self) -> u64 {
+        match self.data_crc {
+            Some(_) => self.size,
+            None => stream_payload_bytes(self.size),
+        }
+    }
 }
 
 const KIND_PUT: u8 = 1;
@@ -199,6 +224,7 @@ const KIND_DELETE: u8 = 2;
 const KIND_RELOCATE: u8 = 3;
 const KIND_SEAL: u8 = 4;
 const KIND_END: u8 = 5;
+const KIND_PUT_CRC: u8 = 6;
 
 /// Appends `record`, framed, to `out`.
 pub fn encode_record(record: &Record, out: &mut Vec<u8>) {
@@ -206,11 +232,22 @@ pub fn encode_record(record: &Record, out: &mut Vec<u8>) {
     out.extend_from_slice(&[0; FRAME_BYTES]);
     match record {
         Record::Put(put) => {
-            out.push(KIND_PUT);
+            out.push(if put.data_crc.is_some() {
+                KIND_PUT_CRC
+            } else {
+                KIND_PUT
+            });
             out.extend_from_slice(put.key.as_bytes());
             out.extend_from_slice(&put.size.to_le_bytes());
             out.extend_from_slice(&put.created_unix_ns.to_le_bytes());
             encode_location(&put.location, out);
+            if let Some(crc) = put.data_crc {
+                assert!(
+                    crc_fits_record(put.size),
+                    "a CRC in the record covers one chunk"
+                );
+                out.extend_from_slice(&crc.to_le_bytes());
+            }
             out.extend_from_slice(&(put.attributes.len() as u16).to_le_bytes());
             for (key, value) in &put.attributes {
                 out.extend_from_slice(&(key.len() as u16).to_le_bytes());
@@ -265,7 +302,7 @@ pub enum Decoded {
 
 /// Largest record accepted when decoding (a Put with maximal attributes and extents).
 pub const RECORD_BYTES_MAX: usize =
-    1 + 32 + 16 + 2 + 20 * 4096 + 2 + ATTRIBUTES_BYTES_MAX + 6 * 256;
+    1 + 32 + 16 + 2 + 20 * 4096 + 4 + 2 + ATTRIBUTES_BYTES_MAX + 6 * 256;
 
 /// Decodes the record at the start of `bytes`. Checks the checksum before parsing.
 pub fn decode_record(bytes: &[u8]) -> Decoded {
@@ -350,14 +387,19 @@ fn parse_body(body: &[u8]) -> Option<Record> {
     let (&kind, rest) = body.split_first()?;
     let mut reader = Reader { bytes: rest };
     let record = match kind {
-        KIND_PUT => {
+        KIND_PUT | KIND_PUT_CRC => {
             let key = reader.key()?;
             let size = reader.u64()?;
             let created_unix_ns = reader.u64()?;
             let location = reader.location()?;
-            if location.stream_bytes() < stream_payload_bytes(size) {
-                return None;
-            }
+            let data_crc = if kind == KIND_PUT_CRC {
+                if !crc_fits_record(size) {
+                    return None;
+                }
+                Some(reader.u32()?)
+            } else {
+                None
+            };
             let count = reader.u16()? as usize;
             let mut attributes = BTreeMap::new();
             for _ in 0..count {
@@ -367,13 +409,18 @@ fn parse_body(body: &[u8]) -> Option<Record> {
                 let value = reader.string(value_len)?;
                 attributes.insert(name, value);
             }
-            Record::Put(PutRecord {
+            let put = PutRecord {
                 key,
                 size,
                 created_unix_ns,
                 location,
                 attributes,
-            })
+                data_crc,
+            };
+            if put.location.stream_bytes() < put.stream_payload_bytes() {
+                return None;
+            }
+            Record::Put(put)
         }
         KIND_DELETE => Record::Delete { key: reader.key()? },
         KIND_RELOCATE => Record::Relocate {
@@ -481,6 +528,25 @@ mod tests {
                 }],
             },
             attributes,
+            data_crc: None,
+        })
+    }
+
+    /// A 4 KiB blob whose CRC is in its record: its stream is one block.
+    fn put_crc(seed: u8) -> Record {
+        Record::Put(PutRecord {
+            key: BlobKey([seed; 32]),
+            size: 4096,
+            created_unix_ns: 1_700_000_000_000_000_001,
+            location: Location {
+                extents: vec![Extent {
+                    segment: SegmentId::new(0, 3),
+                    offset: 4096 * 7,
+                    len: 4096,
+                }],
+            },
+            attributes: BTreeMap::new(),
+            data_crc: Some(0xdead_beef),
         })
     }
 
@@ -488,6 +554,7 @@ mod tests {
     fn records_round_trip() {
         let records = vec![
             put(1),
+            put_crc(9),
             Record::Delete {
                 key: BlobKey([2; 32]),
             },
@@ -531,20 +598,63 @@ mod tests {
 
     #[test]
     fn every_flipped_bit_is_caught() {
-        let mut log = Vec::new();
-        encode_record(&put(7), &mut log);
-        for byte in 0..log.len() {
-            for bit in 0..8 {
-                let mut damaged = log.clone();
-                damaged[byte] ^= 1 << bit;
-                match decode_record(&damaged) {
-                    Decoded::Record(record, _) => {
-                        panic!("bit {bit} of byte {byte} accepted: {record:?}")
+        for record in [put(7), put_crc(8)] {
+            let mut log = Vec::new();
+            encode_record(&record, &mut log);
+            for byte in 0..log.len() {
+                for bit in 0..8 {
+                    let mut damaged = log.clone();
+                    damaged[byte] ^= 1 << bit;
+                    match decode_record(&damaged) {
+                        Decoded::Record(record, _) => {
+                            panic!("bit {bit} of byte {byte} accepted: {record:?}")
+                        }
+                        Decoded::End | Decoded::Truncated | Decoded::Invalid => {}
                     }
-                    Decoded::End | Decoded::Truncated | Decoded::Invalid => {}
                 }
             }
         }
+    }
+
+    /// Re-frames a record body (valid checksum), to test what the parser itself refuses.
+    fn framed(body: &[u8]) -> Vec<u8> {
+        let mut out = (body.len() as u32).to_le_bytes().to_vec();
+        out.extend_from_slice(&crc32fast::hash(body).to_le_bytes());
+        out.extend_from_slice(body);
+        out
+    }
+
+    #[test]
+    fn a_put_whose_stream_is_too_short_is_refused() {
+        // Kind 6 with a size past one chunk: its one CRC could not cover the data.
+        let Record::Put(mut big) = put_crc(1) else {
+            unreachable!()
+        };
+        big.size = CHUNK_BYTES + 1;
+        big.location.extents[0].len = (2 * CHUNK_BYTES) as u32;
+        let mut log = Vec::new();
+        big.data_crc = None;
+        encode_record(&Record::Put(big), &mut log);
+        let mut body = log[FRAME_BYTES..].to_vec();
+        body[0] = KIND_PUT_CRC;
+        let at = 1 + 32 + 16 + 2 + 20;
+        body.splice(at..at, 7u32.to_le_bytes());
+        assert_eq!(decode_record(&framed(&body)), Decoded::Invalid);
+        // Kind 1 for a 4 KiB blob in one block: no room for its CRC table.
+        let mut log = Vec::new();
+        encode_record(&put_crc(2), &mut log);
+        let mut body = log[FRAME_BYTES..].to_vec();
+        body[0] = KIND_PUT;
+        let at = 1 + 32 + 16 + 2 + 20;
+        body.drain(at..at + 4);
+        assert_eq!(decode_record(&framed(&body)), Decoded::Invalid);
+        // The same bytes framed as kind 6 are accepted.
+        let mut log = Vec::new();
+        encode_record(&put_crc(2), &mut log);
+        assert!(matches!(
+            decode_record(&framed(&log[FRAME_BYTES..])),
+            Decoded::Record(..)
+        ));
     }
 
     #[test]

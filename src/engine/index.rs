@@ -18,6 +18,9 @@ pub struct Entry {
     pub created_unix_ns: u64,
     pub attributes: BTreeMap<String, String>,
     pub location: Location,
+    /// The data's CRC when it is kept here rather than in the stream (see
+    /// [`PutRecord::data_crc`]).
+    pub data_crc: Option<u32>,
 }
 
 impl Entry {
@@ -37,6 +40,7 @@ impl Entry {
             created_unix_ns: self.created_unix_ns,
             location: self.location.clone(),
             attributes: self.attributes.clone(),
+            data_crc: self.data_crc,
         }
     }
 }
@@ -66,6 +70,7 @@ impl Index {
                         created_unix_ns: put.created_unix_ns,
                         attributes: put.attributes,
                         location: put.location,
+                        data_crc: put.data_crc,
                     })
                 });
             }
@@ -134,6 +139,7 @@ mod tests {
             created_unix_ns: 0,
             location: Location::default(),
             attributes: BTreeMap::new(),
+            data_crc: None,
         })
     }
 

@@ -378,6 +378,7 @@ impl<D: Disk> Shard<D> {
             created_unix_ns: unix_now_ns(),
             location,
             attributes,
+            data_crc: None, // a streamed blob's CRC table is in its stream
         };
         let owner = key.owner(self.count);
         let (reply, answer) = oneshot::channel();
@@ -445,13 +446,14 @@ impl<D: Disk> Shard<D> {
         if let Some(entry) = self.index.borrow().get(&key) {
             return Ok(entry.meta(key)); // identical content is stored once
         }
-        let extents = if size > 0 {
-            vec![self
+        let (extents, data_crc) = if size > 0 {
+            let (extent, data_crc) = self
                 .write_small(pieces, size)
                 .await
-                .inspect_err(|_| self.note_poison())?]
+                .inspect_err(|_| self.note_poison())?;
+            (vec![extent], data_crc)
         } else {
-            Vec::new() // an empty blob has no stream
+            (Vec::new(), None) // an empty blob has no stream
         };
         let put = PutRecord {
             key,
@@ -461,6 +463,7 @@ impl<D: Disk> Shard<D> {
                 extents: extents.clone(),
             },
             attributes,
+            data_crc,
         };
         let result = self.commit(put).await;
         self.segments.release(&extents);
@@ -587,7 +590,8 @@ impl<D: Disk> Shard<D> {
         })
     }
 
-    /// `[start, end)` of a small blob, verified: one read holds its data and CRC table.
+    /// `[start, end)` of a small blob, verified: one read holds its data and its CRC
+    /// table, unless the CRC is in its record.
     async fn read_small(
         &self,
         entry: &Entry,
@@ -606,8 +610,12 @@ impl<D: Disk> Shard<D> {
                 buf,
             )
             .await?;
-        let crcs =
-            crc_table(&buf.as_slice()[size as usize..format::stream_payload_bytes(size) as usize]);
+        let crcs = match entry.data_crc {
+            Some(crc) => vec![crc],
+            None => crc_table(
+                &buf.as_slice()[size as usize..format::stream_payload_bytes(size) as usize],
+            ),
+        };
         self.verify(
             entry,
             &buf.as_slice()[..size as usize],
@@ -708,6 +716,9 @@ impl<D: Disk> Shard<D> {
         start: u64,
         end: u64,
     ) -> Result<Vec<u32>> {
+        if let Some(crc) = entry.data_crc {
+            return Ok(vec![crc]); // one chunk, whose CRC is in the record
+        }
         let (first, last) = (start / CHUNK_BYTES, end.div_ceil(CHUNK_BYTES));
         let table_from = entry.size + 4 * first;
         let table_to = entry.size + 4 * last;
