@@ -65,6 +65,15 @@ pub trait DiskFile: Clone + 'static {
         buf: AlignedBuf,
         offset: u64,
     ) -> impl Future<Output = (io::Result<()>, AlignedBuf)>;
+    /// Writes all of `buf.as_slice()` at `offset` and returns once those bytes are
+    /// durable, as `write_at` then `sync_data` would, but as one operation (an
+    /// `O_DSYNC` write). It promises nothing about other writes to the file. On error
+    /// the bytes may or may not have reached the disk, and may or may not be durable.
+    fn write_at_durable(
+        &self,
+        buf: AlignedBuf,
+        offset: u64,
+    ) -> impl Future<Output = (io::Result<()>, AlignedBuf)>;
     /// Makes every completed write to this file durable (`fdatasync`).
     fn sync_data(&self) -> impl Future<Output = io::Result<()>>;
     /// The file's size in bytes.
@@ -241,7 +250,7 @@ impl Disk for DirectDisk {
 
     fn open(&self, path: &Path) -> io::Result<DirectFile> {
         let std = self.options().open(path)?;
-        DirectFile::new(std, path)
+        DirectFile::new(std, path, self.mode == IoMode::Direct)
     }
 
     fn create(&self, path: &Path, len_bytes: u64) -> io::Result<DirectFile> {
@@ -251,7 +260,7 @@ impl Disk for DirectDisk {
             let _ = fs::remove_file(path);
             return Err(error);
         }
-        DirectFile::new(std, path)
+        DirectFile::new(std, path, self.mode == IoMode::Direct)
     }
 
     fn remove(&self, path: &Path) -> io::Result<()> {
@@ -283,22 +292,43 @@ impl Disk for DirectDisk {
     }
 }
 
-/// A file of a [`DirectDisk`]: a monoio file (shared by the shard's tasks).
+/// A file of a [`DirectDisk`]: a monoio file (shared by the shard's tasks), and, once
+/// a durable write asks for it, a second descriptor of the same file opened `O_DSYNC`.
 #[derive(Clone)]
 pub struct DirectFile {
     file: Rc<monoio::fs::File>,
+    dsync: Rc<std::cell::OnceCell<monoio::fs::File>>,
+    direct: bool,
     len_probe: Rc<fs::File>,
     path: Rc<PathBuf>,
 }
 
 impl DirectFile {
-    fn new(std: fs::File, path: &Path) -> io::Result<DirectFile> {
+    fn new(std: fs::File, path: &Path, direct: bool) -> io::Result<DirectFile> {
         let len_probe = std.try_clone()?;
         Ok(DirectFile {
             file: Rc::new(monoio::fs::File::from_std(std)?),
+            dsync: Rc::default(),
+            direct,
             len_probe: Rc::new(len_probe),
             path: Rc::new(path.to_path_buf()),
         })
+    }
+
+    /// The `O_DSYNC` descriptor, opened on first use. The engine writes durably only to
+    /// files it created and has not removed, so opening by path reaches this file.
+    fn dsync(&self) -> io::Result<&monoio::fs::File> {
+        if let Some(file) = self.dsync.get() {
+            return Ok(file);
+        }
+        let direct = if self.direct { libc::O_DIRECT } else { 0 };
+        let std = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_DSYNC | direct)
+            .open(&*self.path)?;
+        let file = monoio::fs::File::from_std(std)?;
+        Ok(self.dsync.get_or_init(|| file))
     }
 
     pub fn path(&self) -> &Path {
@@ -327,6 +357,13 @@ impl DiskFile for DirectFile {
 
     async fn write_at(&self, buf: AlignedBuf, offset: u64) -> (io::Result<()>, AlignedBuf) {
         self.file.write_all_at(buf, offset).await
+    }
+
+    async fn write_at_durable(&self, buf: AlignedBuf, offset: u64) -> (io::Result<()>, AlignedBuf) {
+        match self.dsync() {
+            Ok(file) => file.write_all_at(buf, offset).await,
+            Err(error) => (Err(error), buf),
+        }
     }
 
     async fn sync_data(&self) -> io::Result<()> {
@@ -382,6 +419,47 @@ mod tests {
                 .mode(),
             IoMode::Buffered
         );
+    }
+
+    /// A durable write goes through the second (`O_DSYNC`) descriptor and reads back
+    /// through the first, beside an ordinary write to the same file.
+    #[test]
+    fn durable_and_plain_writes_read_back() {
+        // Under the workspace's target directory: /tmp may be tmpfs, which has no O_DIRECT.
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../target/io-tests")
+            .join(format!("dsync-{}", std::process::id()));
+        fs::create_dir_all(&dir).expect("dir");
+        let mut runtime = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            let disk = DirectDisk::probe(&dir, IoMode::Direct).expect("direct I/O");
+            let file = disk.create(&dir.join("f"), 3 * 4096).expect("create");
+            let filled = |byte: u8| {
+                let mut buf = AlignedBuf::zeroed(4096);
+                buf.extend_from_slice(&[byte; 4096]);
+                buf
+            };
+            let (result, _) = file.write_at(filled(1), 0).await;
+            result.expect("plain write");
+            for round in 0..3u8 {
+                let (result, _) = file.write_at_durable(filled(10 + round), 4096).await;
+                result.expect("durable write");
+            }
+            let (result, buf) = file
+                .read_at(AlignedBuf::zeroed(3 * 4096), 0, 3 * 4096)
+                .await;
+            result.expect("read");
+            let bytes = buf.as_slice();
+            assert!(bytes[..4096].iter().all(|&b| b == 1));
+            assert!(
+                bytes[4096..8192].iter().all(|&b| b == 12),
+                "the last durable write wins"
+            );
+            assert!(bytes[8192..].iter().all(|&b| b == 0));
+        });
+        fs::remove_dir_all(&dir).expect("clean up");
     }
 
     #[test]

@@ -413,6 +413,41 @@ impl DiskFile for SimFile {
         (Ok(()), buf)
     }
 
+    async fn write_at_durable(&self, buf: AlignedBuf, offset: u64) -> (io::Result<()>, AlignedBuf) {
+        let (written, buf) = self.write_at(buf, offset).await;
+        if written.is_err() {
+            return (written, buf); // nothing reached the file
+        }
+        self.disk.yields().await;
+        if self.disk.fault(|f| f.sync_eio) {
+            return (Err(eio("O_DSYNC write")), buf); // written, not known durable
+        }
+        let mut data = self.data.borrow_mut();
+        let (start, end) = (offset as usize, offset as usize + buf.len());
+        if data.durable.len() < end {
+            data.durable.resize(end, 0);
+        }
+        data.durable[start..end].copy_from_slice(buf.as_slice());
+        // Older pending writes over this range must not land on it at a crash: they
+        // are older than these bytes. Keep only their parts outside the range.
+        let pending = std::mem::take(&mut data.pending);
+        for (at, bytes) in pending {
+            let (at, stop) = (at as usize, at as usize + bytes.len());
+            if stop <= start || at >= end {
+                data.pending.push((at as u64, bytes));
+                continue;
+            }
+            if at < start {
+                data.pending.push((at as u64, bytes[..start - at].to_vec()));
+            }
+            if stop > end {
+                data.pending.push((end as u64, bytes[end - at..].to_vec()));
+            }
+        }
+        drop(data);
+        (Ok(()), buf)
+    }
+
     async fn sync_data(&self) -> io::Result<()> {
         self.disk.yields().await;
         if self.disk.fault(|f| f.sync_eio) {
@@ -567,6 +602,62 @@ mod tests {
                 torn |= new > 0 && new < 8;
             }
             assert!(torn, "no torn write in 64 seeds");
+        });
+    }
+
+    /// A durable write survives every crash, and an older unsynced write over the same
+    /// blocks never lands on top of it, while that write's part outside them may.
+    #[test]
+    fn a_durable_write_survives_crashes_and_older_pending_writes_do_not_cover_it() {
+        block_on(async {
+            let mut outside_kept = false;
+            for seed in 0..64 {
+                let disk = SimDisk::new(seed, Faults::default());
+                let dir = Path::new("/d");
+                let file = disk.create(&dir.join("a"), 3 * 4096).expect("create");
+                disk.sync_dir(dir).expect("sync dir");
+                let (result, _) = file.write_at(buf_of(1, 3 * 4096), 0).await;
+                result.expect("older, unsynced write");
+                let (result, _) = file.write_at_durable(buf_of(2, 4096), 4096).await;
+                result.expect("durable write");
+                let after = disk.crash();
+                let file = after.open(&dir.join("a")).expect("name");
+                let (_, buf) = file
+                    .read_at(AlignedBuf::zeroed(3 * 4096), 0, 3 * 4096)
+                    .await;
+                let bytes = buf.as_slice();
+                assert!(
+                    bytes[4096..8192].iter().all(|&b| b == 2),
+                    "seed {seed}: the durable block was lost or covered"
+                );
+                outside_kept |= bytes[..4096].contains(&1);
+            }
+            assert!(outside_kept, "the older write's other blocks never landed");
+        });
+    }
+
+    /// A durable write whose sync part fails is left as an ordinary unsynced write.
+    #[test]
+    fn a_failed_durable_write_is_only_pending() {
+        block_on(async {
+            let mut lost = false;
+            for seed in 0..64 {
+                let faults = Faults {
+                    sync_eio: 1000,
+                    ..Faults::default()
+                };
+                let disk = SimDisk::new(seed, faults);
+                let dir = Path::new("/d");
+                let file = disk.create(&dir.join("a"), 4096).expect("create");
+                disk.sync_dir(dir).expect("sync dir");
+                let (result, _) = file.write_at_durable(buf_of(3, 4096), 0).await;
+                assert!(result.is_err(), "the injected sync failure is reported");
+                let after = disk.crash();
+                let file = after.open(&dir.join("a")).expect("name");
+                let (_, buf) = file.read_at(AlignedBuf::zeroed(4096), 0, 4096).await;
+                lost |= !buf.as_slice().iter().all(|&b| b == 3);
+            }
+            assert!(lost, "a write whose sync failed was always durable");
         });
     }
 }

@@ -55,8 +55,8 @@
 //! # Invariants
 //!
 //! - A Put or Relocate record is written only after the extents it names are durable
-//!   (fdatasync of their segments), so a durable record never points at data that may
-//!   be missing.
+//!   (an fdatasync of their segments, or the `O_DSYNC` write that wrote them), so a
+//!   durable record never points at data that may be missing.
 //! - A shard's journal holds exactly the keys that shard owns; replaying its newest valid
 //!   checkpoint, then its journals from that generation on, in order, rebuilds its
 //!   index. Every journal but the newest ends with a Seal record; a journal that is not
@@ -70,8 +70,9 @@
 //! - A write of one 512-byte sector is atomic: after power loss it holds the old or the
 //!   new bytes. The journal rewrites its partial last block on every flush with the same
 //!   prefix, so any mix of old and new sectors keeps every record already flushed.
-//! - fdatasync means durable, and a failed fdatasync means unknown: the shard stops
-//!   taking writes instead of retrying.
+//! - fdatasync means durable, and so does the completion of an `O_DSYNC` write for its
+//!   bytes; a failed one of either means unknown: the shard stops taking writes instead
+//!   of retrying.
 //! - Bit rot is possible and is caught by CRCs on every read; it is reported, not
 //!   repaired (there is one copy).
 

@@ -3,15 +3,17 @@
 //!
 //! Records are *staged* in memory and made durable by whichever caller finds no flush
 //! running: it takes everything staged, writes it after the durable end of the log
-//! (rewriting the partial last block with the same prefix), `fdatasync`s, applies the
-//! records to the shard's index, and wakes every waiter whose records were in the
-//! batch. Commits that arrive during a flush share the next one (group commit).
+//! (rewriting the partial last block with the same prefix) with one `O_DSYNC` write,
+//! applies the records to the shard's index, and wakes every waiter whose records were
+//! in the batch. Commits that arrive during a flush share the next one (group commit).
+//! A journal file is zero-filled when it is created, so each append overwrites written
+//! blocks and costs the device one flush, with no file-system journal commit.
 //!
 //! Guarantees:
 //! - a record is applied to the index only after it is durable, so reads, stats and
 //!   listings never see a blob whose commit could still be lost;
-//! - a failed write or fdatasync poisons the shard: no more records are accepted, and
-//!   nothing is retried (the page cache may already have dropped the data);
+//! - a failed append poisons the shard: no more records are accepted, and nothing is
+//!   retried (whether the bytes are durable is unknown);
 //! - when the journal file is full it rotates: a new journal is created and made durable
 //!   first, then the old one is sealed, then the index is snapshotted into a checkpoint
 //!   for the new generation in the background; once that checkpoint is durable, older
@@ -138,10 +140,7 @@ impl<D: Disk> Journal<D> {
         };
         let header = format::encode_header(format::JOURNAL_MAGIC, self.shard, generation);
         let path = self.path_of(generation);
-        write_bytes(&file, &path, 0, &header).await?;
-        file.sync_data()
-            .await
-            .map_err(|e| Error::io("fdatasync", &path, 0, e))?;
+        prepare_journal_file(&file, &path, &header, self.capacity_bytes).await?;
         self.disk
             .sync_dir(&self.dir)
             .map_err(|e| Error::io("fsync dir", &self.dir, 0, e))
@@ -271,7 +270,7 @@ impl<D: Disk> Journal<D> {
     }
 
     /// Writes `bytes` at the durable end (with the partial last block rewritten in
-    /// front of them) and fdatasyncs.
+    /// front of them) with one `O_DSYNC` write.
     async fn append_durably(&self, bytes: &[u8]) -> Result<()> {
         let (file, path, block_start, mut image) = {
             let state = self.state.borrow();
@@ -289,10 +288,10 @@ impl<D: Disk> Journal<D> {
         let tail_start = round_down_u64(new_end, ALIGN) - block_start;
         let tail = image[tail_start as usize..].to_vec();
         image.resize(image.len().next_multiple_of(ALIGN as usize), 0);
-        write_bytes(&file, &path, block_start, &image).await?;
-        file.sync_data()
-            .await
-            .map_err(|e| Error::io("fdatasync", &path, block_start, e))?;
+        let mut buf = AlignedBuf::zeroed(image.len());
+        buf.extend_from_slice(&image);
+        let (result, _) = file.write_at_durable(buf, block_start).await;
+        result.map_err(|e| Error::io("O_DSYNC write", &path, block_start, e))?;
         let mut state = self.state.borrow_mut();
         state.end = new_end;
         state.tail = tail;
@@ -314,10 +313,7 @@ impl<D: Disk> Journal<D> {
         )?;
         let header = format::encode_header(format::JOURNAL_MAGIC, self.shard, new_generation);
         let new_path = self.path_of(new_generation);
-        write_bytes(&file, &new_path, 0, &header).await?;
-        file.sync_data()
-            .await
-            .map_err(|e| Error::io("fdatasync", &new_path, 0, e))?;
+        prepare_journal_file(&file, &new_path, &header, self.capacity_bytes).await?;
         self.disk
             .sync_dir(&self.dir)
             .map_err(|e| Error::io("fsync dir", &self.dir, 0, e))?;
@@ -429,6 +425,32 @@ fn create_journal_file<D: Disk>(
     let path = dir.join(format::journal_file_name(generation));
     disk.create(&path, capacity_bytes)
         .map_err(|e| Error::io("create", &path, 0, e))
+}
+
+/// Makes a new journal file ready for appends: writes zeros over all of it, then its
+/// header, and fdatasyncs. After this every block of the file is *written* space, so an
+/// append (an `O_DSYNC` write) is a pure overwrite: the file system has no extent to
+/// convert and no journal transaction to commit, and the write costs one device flush.
+/// Appends into `fallocate`d space would each need an ext4 journal commit too.
+async fn prepare_journal_file<F: DiskFile>(
+    file: &F,
+    path: &Path,
+    header: &[u8],
+    capacity_bytes: u64,
+) -> Result<()> {
+    let mut at = 0;
+    while at < capacity_bytes {
+        let len = UNIT_BYTES.min(capacity_bytes - at);
+        let mut zeros = AlignedBuf::zeroed(len as usize);
+        zeros.pad_zeroed_to(len as usize);
+        let (result, _) = file.write_at(zeros, at).await;
+        result.map_err(|e| Error::io("write", path, at, e))?;
+        at += len;
+    }
+    write_bytes(file, path, 0, header).await?;
+    file.sync_data()
+        .await
+        .map_err(|e| Error::io("fdatasync", path, 0, e))
 }
 
 /// Writes `bytes` (aligned length) at `offset` through an aligned buffer.

@@ -4,8 +4,10 @@
 //! each one on its own: blobs that arrive while a group write is running wait in the
 //! *open batch* and go out together in the next one. The batch gets consecutive extents
 //! of the shard's active segment, is copied into one aligned buffer per run of
-//! contiguous extents and written with one write per run, and is made durable with one
-//! fdatasync per segment. Only then does each blob go on to its commit (the journal's own
+//! contiguous extents and written with one `O_DSYNC` write per run
+//! ([`DiskFile::write_at_durable`]: the write and its flush as one operation, which on
+//! the disk measured here beat a write followed by an fdatasync; kernel-notes.md §7).
+//! Only then does each blob go on to its commit (the journal's own
 //! group commit), so "a blob's data is durable before its record" holds exactly as for
 //! streamed uploads, and recovery is the same.
 //!
@@ -24,8 +26,9 @@
 //!   for the next batch;
 //! - every blob's extent stays in flight (never compacted) from its allocation until its
 //!   owner releases it after the commit;
-//! - a failed write fails every blob of its batch (nothing of them becomes visible); a
-//!   failed fdatasync also poisons the shard.
+//! - a failed write fails every blob of its batch (nothing of them becomes visible) and
+//!   poisons the shard: whether its bytes are durable is unknown, as after a failed
+//!   fdatasync.
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -36,7 +39,7 @@ use graviton_io::{Disk, DiskFile};
 use tokio::sync::oneshot;
 
 use super::error::{Error, Result};
-use super::format::{self, Extent, SegmentId, ALIGN, UNIT_BYTES};
+use super::format::{self, Extent, ALIGN, UNIT_BYTES};
 use super::shard::{ChunkCrcs, Shard};
 use super::signal::Signal;
 
@@ -162,7 +165,6 @@ impl<D: Disk> Shard<D> {
     }
 
     async fn write_runs(&self, batch: &[Member], extents: &[Extent]) -> Result<()> {
-        let mut synced: Vec<SegmentId> = Vec::new();
         let mut first = 0;
         while first < batch.len() {
             let mut end = first + 1;
@@ -180,15 +182,18 @@ impl<D: Disk> Shard<D> {
             }
             let (segment, offset) = (extents[first].segment, extents[first].offset);
             let file = self.segments.file(segment)?;
-            let (result, _buf) = file.write_at(buf, offset).await;
-            result.map_err(|e| Error::io("write", self.segments.path(segment), offset, e))?;
-            if !synced.contains(&segment) {
-                synced.push(segment);
+            let (result, _buf) = file.write_at_durable(buf, offset).await;
+            if let Err(error) = result {
+                // Whether the bytes are durable is unknown, as after a failed fdatasync.
+                self.poisoned.set(true);
+                return Err(Error::io(
+                    "O_DSYNC write",
+                    self.segments.path(segment),
+                    offset,
+                    error,
+                ));
             }
             first = end;
-        }
-        for segment in synced {
-            self.segments.sync(segment).await?;
         }
         Ok(())
     }
