@@ -315,8 +315,9 @@ impl DirectFile {
         })
     }
 
-    /// The `O_DSYNC` descriptor, opened on first use. The engine writes durably only to
-    /// files it created and has not removed, so opening by path reaches this file.
+    /// The `O_DSYNC` descriptor, opened on first use. The engine writes only to files
+    /// that are still under their names (it removes a file only once nothing writes to
+    /// it), so opening by path reaches this file.
     fn dsync(&self) -> io::Result<&monoio::fs::File> {
         if let Some(file) = self.dsync.get() {
             return Ok(file);

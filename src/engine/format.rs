@@ -20,8 +20,9 @@
 //! Chunk `c` covers data bytes `[c*65536, min((c+1)*65536, size))`; its CRC is
 //! `crc32(data of the chunk)`. A blob of at most one chunk that was written whole (the
 //! small-blob path) keeps its one CRC in its Put record (kind 6) instead of in its
-//! stream, so a 4 KiB blob takes one 4 KiB block, not two. Every extent but the last has a length that is a multiple
-//! of [`UNIT_BYTES`] (1 MiB), so a read unit of the stream never straddles two extents.
+//! stream, so a 4 KiB blob takes one 4 KiB block, not two. Every extent but the last
+//! has a length that is a multiple of [`UNIT_BYTES`] (1 MiB), so a read unit of the
+//! stream never straddles two extents.
 //! A segment has no header: everything about it is in the journal records that point
 //! into it. Space between live extents is dead and is reclaimed by compaction.
 //!
