@@ -9,6 +9,8 @@
 //!   silently losing acknowledged blobs;
 //! - an invalid or incomplete checkpoint is skipped in favour of an older one and the
 //!   journals it still needs (they are removed only after a newer checkpoint is durable);
+//! - a journal without a valid header holds no records (its header is written and made
+//!   durable before any record) and is removed;
 //! - the work is proportional to the live blobs (one checkpoint) plus the journals
 //!   written since that checkpoint, not to the store's history.
 
@@ -228,6 +230,24 @@ pub async fn open_shard<D: Disk>(disk: D, wiring: ShardWiring) -> Result<Rc<Shar
                 what: "journal record (log ends early)",
             });
         }
+    }
+
+    // An unfinished journal (no valid header: a crash while it was being created, or a
+    // spare prepared ahead of a rotation) holds no records. Remove it, so that its
+    // generation is free for the rotation below.
+    let unfinished: Vec<u64> = scans
+        .iter()
+        .filter(|(_, _, scan)| scan.is_none())
+        .map(|(generation, _, _)| *generation)
+        .collect();
+    for generation in &unfinished {
+        let path = dir.join(format::journal_file_name(*generation));
+        disk.remove(&path)
+            .map_err(|e| Error::io("remove", &path, 0, e))?;
+    }
+    if !unfinished.is_empty() {
+        disk.sync_dir(&dir)
+            .map_err(|e| Error::io("fsync dir", &dir, 0, e))?;
     }
 
     let poisoned = Rc::new(Cell::new(false));

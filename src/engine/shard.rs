@@ -261,7 +261,7 @@ impl<D: Disk> Shard<D> {
             }
             Request::Rotate { reply } => {
                 self.segments.seal_active();
-                let _ = reply.send(self.journal.rotate(&self.index).await);
+                let _ = reply.send(self.journal.rotate_now(&self.index).await);
             }
             Request::Shutdown { .. } => unreachable!("handled by the loop"),
         }
