@@ -560,21 +560,31 @@ mod tests {
         buf
     }
 
+    /// `/d/a`, a new file of `len` bytes whose name is durable.
+    fn named_file(disk: &SimDisk, len: u64) -> SimFile {
+        let dir = Path::new("/d");
+        let file = disk.create(&dir.join("a"), len).expect("create");
+        disk.sync_dir(dir).expect("sync dir");
+        file
+    }
+
+    /// The first `len` bytes of `/d/a` after `disk` loses power.
+    async fn after_crash(disk: &SimDisk, len: usize) -> Vec<u8> {
+        let file = disk.crash().open(Path::new("/d/a")).expect("durable name");
+        let (result, buf) = file.read_at(AlignedBuf::zeroed(len), 0, len).await;
+        result.expect("read");
+        buf.as_slice().to_vec()
+    }
+
     #[test]
     fn synced_data_survives_a_crash_and_unsynced_names_may_not() {
         block_on(async {
             let disk = SimDisk::new(1, Faults::default());
-            let dir = Path::new("/d");
-            let file = disk.create(&dir.join("a"), 8192).expect("create");
-            disk.sync_dir(dir).expect("sync dir");
+            let file = named_file(&disk, 8192);
             let (result, _) = file.write_at(buf_of(7, 4096), 0).await;
             result.expect("write");
             file.sync_data().await.expect("sync");
-            let after = disk.crash();
-            let file = after.open(&dir.join("a")).expect("durable name");
-            let (result, buf) = file.read_at(AlignedBuf::zeroed(4096), 0, 4096).await;
-            result.expect("read");
-            assert!(buf.as_slice().iter().all(|&b| b == 7));
+            assert!(after_crash(&disk, 4096).await.iter().all(|&b| b == 7));
         });
     }
 
@@ -586,16 +596,11 @@ mod tests {
             let mut torn = false;
             for seed in 0..64 {
                 let disk = SimDisk::new(seed, Faults::default());
-                let dir = Path::new("/d");
-                let file = disk.create(&dir.join("a"), 4096).expect("create");
-                disk.sync_dir(dir).expect("sync dir");
+                let file = named_file(&disk, 4096);
                 let (result, _) = file.write_at(buf_of(9, 4096), 0).await;
                 result.expect("write");
-                let after = disk.crash();
-                let file = after.open(&dir.join("a")).expect("name");
-                let (_, buf) = file.read_at(AlignedBuf::zeroed(4096), 0, 4096).await;
-                let new = buf
-                    .as_slice()
+                let new = after_crash(&disk, 4096)
+                    .await
                     .chunks(SECTOR_BYTES)
                     .filter(|s| s[0] == 9)
                     .count();
@@ -613,19 +618,12 @@ mod tests {
             let mut outside_kept = false;
             for seed in 0..64 {
                 let disk = SimDisk::new(seed, Faults::default());
-                let dir = Path::new("/d");
-                let file = disk.create(&dir.join("a"), 3 * 4096).expect("create");
-                disk.sync_dir(dir).expect("sync dir");
+                let file = named_file(&disk, 3 * 4096);
                 let (result, _) = file.write_at(buf_of(1, 3 * 4096), 0).await;
                 result.expect("older, unsynced write");
                 let (result, _) = file.write_at_durable(buf_of(2, 4096), 4096).await;
                 result.expect("durable write");
-                let after = disk.crash();
-                let file = after.open(&dir.join("a")).expect("name");
-                let (_, buf) = file
-                    .read_at(AlignedBuf::zeroed(3 * 4096), 0, 3 * 4096)
-                    .await;
-                let bytes = buf.as_slice();
+                let bytes = after_crash(&disk, 3 * 4096).await;
                 assert!(
                     bytes[4096..8192].iter().all(|&b| b == 2),
                     "seed {seed}: the durable block was lost or covered"
@@ -647,15 +645,10 @@ mod tests {
                     ..Faults::default()
                 };
                 let disk = SimDisk::new(seed, faults);
-                let dir = Path::new("/d");
-                let file = disk.create(&dir.join("a"), 4096).expect("create");
-                disk.sync_dir(dir).expect("sync dir");
+                let file = named_file(&disk, 4096);
                 let (result, _) = file.write_at_durable(buf_of(3, 4096), 0).await;
                 assert!(result.is_err(), "the injected sync failure is reported");
-                let after = disk.crash();
-                let file = after.open(&dir.join("a")).expect("name");
-                let (_, buf) = file.read_at(AlignedBuf::zeroed(4096), 0, 4096).await;
-                lost |= !buf.as_slice().iter().all(|&b| b == 3);
+                lost |= !after_crash(&disk, 4096).await.iter().all(|&b| b == 3);
             }
             assert!(lost, "a write whose sync failed was always durable");
         });

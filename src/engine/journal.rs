@@ -96,7 +96,7 @@ impl<D: Disk> Journal<D> {
         capacity_bytes: u64,
         poisoned: Rc<Cell<bool>>,
     ) -> Result<Journal<D>> {
-        let file = create_journal_file(&disk, shard, dir, generation, capacity_bytes)?;
+        let file = create_journal_file(&disk, dir, generation, capacity_bytes)?;
         // A new journal is an existing one whose records end right after the header.
         Ok(Journal::resume(
             disk,
@@ -162,13 +162,8 @@ impl<D: Disk> Journal<D> {
             let state = self.state.borrow();
             (state.file_clone(), state.generation)
         };
-        let header = format::encode_header(format::JOURNAL_MAGIC, self.shard, generation);
-        let path = self.path_of(generation);
-        zero_fill(&file, &path, self.capacity_bytes).await?;
-        write_bytes(&file, &path, 0, &header).await?;
-        file.sync_data()
-            .await
-            .map_err(|e| Error::io("fdatasync", &path, 0, e))?;
+        zero_fill(&file, &self.path_of(generation), self.capacity_bytes).await?;
+        self.write_header(&file, generation).await?;
         self.disk
             .sync_dir(&self.dir)
             .map_err(|e| Error::io("fsync dir", &self.dir, 0, e))?;
@@ -190,26 +185,14 @@ impl<D: Disk> Journal<D> {
             self.capacity_bytes,
         );
         monoio::spawn(async move {
-            let path = dir.join(format::journal_file_name(generation));
-            let prepared = async {
-                let file = create_journal_file(&disk, shard, &dir, generation, capacity)?;
-                zero_fill(&file, &path, capacity).await?;
-                file.sync_data()
-                    .await
-                    .map_err(|e| Error::io("fdatasync", &path, 0, e))?;
-                disk.sync_dir(&dir)
-                    .map_err(|e| Error::io("fsync dir", &dir, 0, e))?;
-                Ok::<_, Error>(file)
-            }
-            .await;
-            *spare.slot.borrow_mut() = match prepared {
-                Ok(file) => SpareSlot::Ready { generation, file },
-                Err(error) => {
-                    tracing::debug!(shard, %error, "no spare journal prepared");
-                    let _ = disk.remove(&path);
-                    SpareSlot::Empty
-                }
-            };
+            *spare.slot.borrow_mut() =
+                match zero_filled_journal(&disk, &dir, generation, capacity).await {
+                    Ok(file) => SpareSlot::Ready { generation, file },
+                    Err(error) => {
+                        tracing::debug!(shard, %error, "no spare journal prepared");
+                        SpareSlot::Empty
+                    }
+                };
             spare.done.notify();
         });
     }
@@ -219,27 +202,32 @@ impl<D: Disk> Journal<D> {
     async fn take_spare(&self, generation: u64) -> Option<D::File> {
         loop {
             let seen = self.spare.done.generation();
-            let slot = std::mem::replace(&mut *self.spare.slot.borrow_mut(), SpareSlot::Empty);
-            match slot {
-                SpareSlot::Preparing => {
-                    *self.spare.slot.borrow_mut() = SpareSlot::Preparing;
-                    self.spare.done.changed(seen).await;
-                }
-                SpareSlot::Ready {
-                    generation: ready,
-                    file,
-                } if ready == generation => return Some(file),
-                SpareSlot::Ready {
-                    generation: ready, ..
-                } => {
-                    // Not the one needed (cannot happen: generations advance one at a
-                    // time); it holds no records, so drop it.
-                    let _ = self.disk.remove(&self.path_of(ready));
-                    return None;
-                }
-                SpareSlot::Empty => return None,
+            if !matches!(*self.spare.slot.borrow(), SpareSlot::Preparing) {
+                break;
             }
+            self.spare.done.changed(seen).await;
         }
+        match std::mem::replace(&mut *self.spare.slot.borrow_mut(), SpareSlot::Empty) {
+            SpareSlot::Ready {
+                generation: ready,
+                file,
+            } => {
+                assert_eq!(ready, generation, "a spare is for the next generation");
+                Some(file)
+            }
+            SpareSlot::Empty | SpareSlot::Preparing => None,
+        }
+    }
+
+    /// Writes the header of journal `generation` into its file and fdatasyncs: from then
+    /// on it is a valid (empty) journal.
+    async fn write_header(&self, file: &D::File, generation: u64) -> Result<()> {
+        let header = format::encode_header(format::JOURNAL_MAGIC, self.shard, generation);
+        let path = self.path_of(generation);
+        write_bytes(file, &path, 0, &header).await?;
+        file.sync_data()
+            .await
+            .map_err(|e| Error::io("fdatasync", &path, 0, e))
     }
 
     pub fn generation(&self) -> u64 {
@@ -384,9 +372,7 @@ impl<D: Disk> Journal<D> {
         let tail_start = round_down_u64(new_end, ALIGN) - block_start;
         let tail = image[tail_start as usize..].to_vec();
         image.resize(image.len().next_multiple_of(ALIGN as usize), 0);
-        let mut buf = AlignedBuf::zeroed(image.len());
-        buf.extend_from_slice(&image);
-        let (result, _) = file.write_at_durable(buf, block_start).await;
+        let (result, _) = file.write_at_durable(aligned(&image), block_start).await;
         result.map_err(|e| Error::io("O_DSYNC write", &path, block_start, e))?;
         let mut state = self.state.borrow_mut();
         state.end = new_end;
@@ -418,43 +404,16 @@ impl<D: Disk> Journal<D> {
     /// first, so a full disk leaves the current journal as it was). Then snapshots the
     /// index into a checkpoint for the new generation, in the background.
     pub async fn rotate(&self, index: &RefCell<Index>) -> Result<()> {
-        let old_generation = self.generation();
-        let new_generation = old_generation + 1;
-        let header = format::encode_header(format::JOURNAL_MAGIC, self.shard, new_generation);
-        let new_path = self.path_of(new_generation);
+        let new_generation = self.generation() + 1;
+        // Zero-filled, durable and named already: only the header is missing.
         let file = match self.take_spare(new_generation).await {
-            // Zero-filled, durable and named already: only the header is missing.
             Some(file) => file,
             None => {
-                let file = create_journal_file(
-                    &self.disk,
-                    self.shard,
-                    &self.dir,
-                    new_generation,
-                    self.capacity_bytes,
-                )?;
-                let filled = async {
-                    zero_fill(&file, &new_path, self.capacity_bytes).await?;
-                    self.disk
-                        .sync_dir(&self.dir)
-                        .map_err(|e| Error::io("fsync dir", &self.dir, 0, e))
-                }
-                .await;
-                if let Err(error) = filled {
-                    let _ = self.disk.remove(&new_path); // holds nothing; a retry recreates it
-                    return Err(error);
-                }
-                file
+                zero_filled_journal(&self.disk, &self.dir, new_generation, self.capacity_bytes)
+                    .await?
             }
         };
-        let headed = async {
-            write_bytes(&file, &new_path, 0, &header).await?;
-            file.sync_data()
-                .await
-                .map_err(|e| Error::io("fdatasync", &new_path, 0, e))
-        }
-        .await;
-        if let Err(error) = headed {
+        if let Err(error) = self.write_header(&file, new_generation).await {
             // A failed write or fdatasync leaves the file's state unknown: stop, as for
             // any failed flush, rather than retry.
             self.poisoned.set(true);
@@ -560,15 +519,42 @@ impl<D: Disk> CheckpointWriter<D> {
 
 fn create_journal_file<D: Disk>(
     disk: &D,
-    shard: usize,
     dir: &Path,
     generation: u64,
     capacity_bytes: u64,
 ) -> Result<D::File> {
-    let _ = shard;
     let path = dir.join(format::journal_file_name(generation));
     disk.create(&path, capacity_bytes)
         .map_err(|e| Error::io("create", &path, 0, e))
+}
+
+/// Creates the file of journal `generation`, zero-filled and durable, its name durable,
+/// without a header (an unfinished journal until [`Journal::write_header`]). On failure
+/// the file is removed: it holds nothing, and a retry recreates it.
+async fn zero_filled_journal<D: Disk>(
+    disk: &D,
+    dir: &Path,
+    generation: u64,
+    capacity_bytes: u64,
+) -> Result<D::File> {
+    let file = create_journal_file(disk, dir, generation, capacity_bytes)?;
+    let path = dir.join(format::journal_file_name(generation));
+    let filled = async {
+        zero_fill(&file, &path, capacity_bytes).await?;
+        file.sync_data()
+            .await
+            .map_err(|e| Error::io("fdatasync", &path, 0, e))?;
+        disk.sync_dir(dir)
+            .map_err(|e| Error::io("fsync dir", dir, 0, e))
+    }
+    .await;
+    match filled {
+        Ok(()) => Ok(file),
+        Err(error) => {
+            let _ = disk.remove(&path);
+            Err(error)
+        }
+    }
 }
 
 /// Writes zeros over all of a new journal file (not yet durable: the caller
@@ -598,12 +584,17 @@ pub async fn write_bytes<F: DiskFile>(
     offset: u64,
     bytes: &[u8],
 ) -> Result<()> {
-    debug_assert_eq!(bytes.len() as u64 % ALIGN, 0);
     debug_assert_eq!(offset % ALIGN, 0);
+    let (result, _) = file.write_at(aligned(bytes), offset).await;
+    result.map_err(|e| Error::io("write", path, offset, e))
+}
+
+/// A copy of `bytes` (an aligned length) in an aligned buffer, for direct I/O.
+fn aligned(bytes: &[u8]) -> AlignedBuf {
+    debug_assert_eq!(bytes.len() as u64 % ALIGN, 0);
     let mut buf = AlignedBuf::zeroed(bytes.len());
     buf.extend_from_slice(bytes);
-    let (result, _) = file.write_at(buf, offset).await;
-    result.map_err(|e| Error::io("write", path, offset, e))
+    buf
 }
 
 fn record_key(record: &Record) -> Option<BlobKey> {
