@@ -1,25 +1,32 @@
 #!/usr/bin/env bash
-# Interop check: the seed's Python client, generated from proto/graviton/proto/blob.proto
-# with the stock tools (grpcio-tools), round-trips blobs byte-exactly through a real
-# Graviton server.
+# Interop check: the seed's Python and Go clients, generated from
+# proto/graviton/proto/blob.proto with the stock tools, round-trip blobs byte-exactly
+# through a real Graviton server.
 #
 #   scripts/interop.sh [--release]
 #
 # 1. makes a Python venv in .venv (reused next time) with grpcio, grpcio-tools and
 #    blake3 from PyPI; if Python's venv module has no pip (Debian without
 #    python3-venv), it bootstraps pip from PyPI into a venv made --without-pip;
+#    installs Go, protoc and Debian's packaged gRPC-Go with apt-get if they are missing
+#    (needs root; GRAVITON_INTEROP_GO=0 skips the Go client, saying so);
 # 2. generates the stubs: python -m grpc_tools.protoc -I proto --python_out=OUT
-#    --grpc_python_out=OUT proto/graviton/proto/blob.proto
+#    --grpc_python_out=OUT proto/graviton/proto/blob.proto, and protoc --go_out
+#    --go-grpc_out for Go; builds scripts/seed-go (GOPATH mode against Debian's
+#    /usr/share/gocode: no module download);
 # 3. builds the server (debug, or --release) and starts it with a fresh data directory
 #    under target/, on 127.0.0.1:50051 if that port is free (the seed's address, so
 #    its code runs as is), else on a free port (see scripts/seed_client.py);
 # 4. runs scripts/seed_client.py: the seed's get_blob/upload_blob, verbatim, on blobs
 #    of 0 B to 5 MiB, and checks the copy against shared/seed/grpc-api.md when present;
+#    then scripts/seed-go: the seed's GetBlob/UploadBlob, verbatim (checked the same
+#    way), on blobs of 0 B to 5 MiB, and checks that each key is the content's BLAKE3;
 # 5. stops the server with SIGTERM and requires a clean exit (status 0).
 #
-# Needs: cargo, python3, network access to PyPI (first run). Exits non-zero on any
-# failure. Environment: GRAVITON_INTEROP_VENV (default .venv),
-# GRAVITON_SEED_DOC (default ../shared/seed/grpc-api.md beside the repository).
+# Needs: cargo, python3, network access to PyPI (first run) and to Debian's mirrors
+# (first run, for Go). Exits non-zero on any failure. Environment:
+# GRAVITON_INTEROP_VENV (default .venv), GRAVITON_SEED_DOC (default
+# ../shared/seed/grpc-api.md beside the repository), GRAVITON_INTEROP_GO (default 1).
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -70,6 +77,31 @@ if [[ ! -x "$venv/bin/python" ]] || ! "$venv/bin/python" -c 'import grpc, grpc_t
 fi
 py="$venv/bin/python"
 
+# Go, protoc and gRPC-Go from Debian. grpc-dev accepts either protobuf shim; only the
+# 1.5 one (over google.golang.org/protobuf) marshals messages from today's protoc-gen-go.
+go_client="${GRAVITON_INTEROP_GO:-1}"
+go_packages=(golang-go protobuf-compiler libprotobuf-dev protoc-gen-go protoc-gen-go-grpc
+    golang-google-grpc-dev golang-google-protobuf-dev golang-github-golang-protobuf-1-5-dev)
+go_missing() {
+    local package
+    for package in "${go_packages[@]}"; do
+        [[ "$(dpkg-query -W -f='${Status}' "$package" 2>/dev/null)" == "install ok installed" ]] \
+            || return 0
+    done
+    return 1
+}
+if [[ "$go_client" == 1 ]] && go_missing; then
+    if [[ "$(id -u)" -ne 0 ]] || ! command -v apt-get >/dev/null 2>&1; then
+        log "the Go client needs these Debian packages: ${go_packages[*]}"
+        log "install them (as root: apt-get install ...) or set GRAVITON_INTEROP_GO=0 to skip it"
+        exit 1
+    fi
+    log "installing Go, protoc and gRPC-Go with apt-get"
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        "${go_packages[@]}" >/dev/null
+fi
+
 # --- 2. the stubs ----------------------------------------------------------------
 work="$(mktemp -d "${TMPDIR:-/tmp}/graviton-interop.XXXXXX")"
 data_dir=""
@@ -89,6 +121,19 @@ mkdir -p "$stubs"
     proto/graviton/proto/blob.proto
 # Regular packages, so that no other `graviton` on sys.path shadows them.
 touch "$stubs/graviton/__init__.py" "$stubs/graviton/proto/__init__.py"
+
+if [[ "$go_client" == 1 ]]; then
+    # GOPATH mode: graviton/proto (the seed's import path, the proto's go_package) and
+    # the client beside it; every other import comes from Debian's /usr/share/gocode.
+    gopath="$work/gopath"
+    mkdir -p "$gopath/src/seedclient"
+    protoc -I proto -I /usr/include --go_out="$gopath/src" --go-grpc_out="$gopath/src" \
+        proto/graviton/proto/blob.proto
+    cp scripts/seed-go/*.go "$gopath/src/seedclient/"
+    log "building the seed's Go client"
+    GO111MODULE=off GOFLAGS="" GOPATH="$gopath:/usr/share/gocode" GOCACHE="$repo/target/go-build" \
+        go build -o "$work/seed-go" seedclient
+fi
 
 # --- 3. the server ---------------------------------------------------------------
 log "building the server ($profile)"
@@ -146,6 +191,17 @@ else
 fi
 status=0
 "$py" scripts/seed_client.py "${seed_args[@]}" || status=$?
+if [[ "$go_client" == 1 ]]; then
+    if [[ -f "$seed_doc" ]]; then
+        "$py" scripts/seed-go/check.py verbatim --seed-doc "$seed_doc" \
+            --source scripts/seed-go/seed_client.go || status=1
+    fi
+    mkdir -p "$work/go-blobs"
+    "$work/seed-go" -target "localhost:$port" -out "$work/go-blobs" || status=1
+    "$py" scripts/seed-go/check.py keys --dir "$work/go-blobs" || status=1
+else
+    log "GRAVITON_INTEROP_GO=0: the seed's Go client was NOT run"
+fi
 
 # --- 5. clean stop -----------------------------------------------------------------
 kill -TERM "$server_pid"
@@ -162,4 +218,8 @@ if [[ $status -ne 0 ]]; then
     cat "$work/server.log" >&2
     exit "$status"
 fi
-log "passed: the seed's Python client round-trips through the server; clean shutdown"
+if [[ "$go_client" == 1 ]]; then
+    log "passed: the seed's Python and Go clients round-trip through the server; clean shutdown"
+else
+    log "passed: the seed's Python client round-trips through the server; clean shutdown (Go skipped)"
+fi
