@@ -1,8 +1,15 @@
-//! The journal's spare file on a real data directory: the next journal is created and
-//! zero-filled in the background before its rotation, under the next generation's name
-//! but without a header. These tests pin down that a rotation takes it, that a new spare
-//! follows, and that a store left with an unfinished spare (a shutdown or crash before
-//! the rotation that would have used it) reopens with every blob.
+//! Journals and checkpoints on a real data directory.
+//!
+//! The spare: the next journal is created and zero-filled in the background before its
+//! rotation, under the next generation's name but without a header. These tests pin
+//! down that a rotation takes it, that a new spare follows, and that a store left with
+//! an unfinished spare (a shutdown or crash before the rotation that would have used
+//! it) reopens with every blob.
+//!
+//! Damage and version skew: recovery removes a journal only when it provably holds
+//! nothing. A journal of another format version, a journal whose header is damaged but
+//! which holds records, and a damaged checkpoint whose journals were already removed
+//! each fail the open, leave every file as it was, and lose nothing once repaired.
 
 mod common;
 
@@ -11,7 +18,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use graviton::engine::{BlobKey, Engine, EngineConfig};
+use graviton::engine::{BlobKey, Engine, EngineConfig, Error};
 
 use common::{read_all, test_dir};
 
@@ -113,5 +120,140 @@ async fn a_rotation_takes_the_spare_and_an_unfinished_spare_reopens_cleanly() {
         assert_eq!(read_all(&engine, &key).await.expect("read"), content);
     }
     engine.shutdown().await.expect("shutdown");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn shard_file(dir: &Path, name: &str) -> std::path::PathBuf {
+    dir.join("shard-000").join(name)
+}
+
+/// Opens the store expecting a failure; returns it.
+async fn open_fails(dir: &Path) -> Error {
+    let config = config(dir);
+    match tokio::task::spawn_blocking(move || Engine::open(config))
+        .await
+        .expect("Engine::open panicked")
+    {
+        Ok(_) => panic!("the store opened although its files were damaged"),
+        Err(error) => error,
+    }
+}
+
+/// Puts two blobs into a new store and shuts it down: journal 1 holds their records.
+async fn store_with_records(dir: &Path) -> [BlobKey; 2] {
+    let engine = common::open_engine(config(dir)).await;
+    let keys = [
+        put(&engine, b"first blob").await,
+        put(&engine, b"second blob").await,
+    ];
+    engine.shutdown().await.expect("shutdown");
+    keys
+}
+
+async fn assert_blobs(dir: &Path, keys: &[BlobKey; 2]) {
+    let engine = common::open_engine(config(dir)).await;
+    assert_eq!(
+        read_all(&engine, &keys[0]).await.expect("first"),
+        b"first blob"
+    );
+    assert_eq!(
+        read_all(&engine, &keys[1]).await.expect("second"),
+        b"second blob"
+    );
+    engine.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_journal_of_another_format_version_is_refused_and_left_as_it_is() {
+    let dir = test_dir("engine-journal", "version");
+    let keys = store_with_records(&dir).await;
+    let path = shard_file(&dir, "journal-0000000000000001.log");
+    let original = std::fs::read(&path).expect("read the journal");
+    // A well-formed header of the next version: its checksum matches its fields.
+    let mut later = original.clone();
+    later[8..12].copy_from_slice(&2u32.to_le_bytes());
+    let crc = crc32fast::hash(&later[0..24]);
+    later[24..28].copy_from_slice(&crc.to_le_bytes());
+    std::fs::write(&path, &later).expect("write");
+
+    let error = open_fails(&dir).await;
+    assert!(
+        matches!(&error, Error::Config(text) if text.contains("format version 2")),
+        "{error}"
+    );
+    assert_eq!(
+        std::fs::read(&path).expect("read"),
+        later,
+        "the journal was changed"
+    );
+
+    std::fs::write(&path, &original).expect("restore");
+    assert_blobs(&dir, &keys).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_header_on_a_journal_with_records_fails_the_open_and_loses_nothing() {
+    let dir = test_dir("engine-journal", "header");
+    let keys = store_with_records(&dir).await;
+    let path = shard_file(&dir, "journal-0000000000000001.log");
+    let original = std::fs::read(&path).expect("read the journal");
+    let mut damaged = original.clone();
+    damaged[17] ^= 0x40; // a bit of the generation: the header's checksum fails
+    std::fs::write(&path, &damaged).expect("write");
+
+    // Before, recovery took the journal for an unfinished one and removed it, with the
+    // records of both blobs.
+    let error = open_fails(&dir).await;
+    assert!(
+        matches!(&error, Error::Corrupt { what, .. } if what.contains("journal header")),
+        "{error}"
+    );
+    assert_eq!(std::fs::read(&path).expect("read"), damaged);
+
+    std::fs::write(&path, &original).expect("restore");
+    assert_blobs(&dir, &keys).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_checkpoint_whose_journals_were_removed_fails_the_open() {
+    let dir = test_dir("engine-journal", "checkpoint");
+    let engine = common::open_engine(config(&dir)).await;
+    let keys = [
+        put(&engine, b"first blob").await,
+        put(&engine, b"second blob").await,
+    ];
+    // Two rotations: once checkpoint 3 (holding both blobs) is durable, journals 1 and 2
+    // and the older checkpoints are removed.
+    engine.rotate().await.expect("rotate");
+    engine.rotate().await.expect("rotate");
+    let checkpoint = shard_file(&dir, "checkpoint-0000000000000003.idx");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while shard_file(&dir, "journal-0000000000000001.log").exists()
+        || shard_file(&dir, "journal-0000000000000002.log").exists()
+    {
+        assert!(Instant::now() < deadline, "old journals were not removed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(checkpoint.exists());
+    engine.shutdown().await.expect("shutdown");
+    drop(engine);
+
+    let original = std::fs::read(&checkpoint).expect("read the checkpoint");
+    let mut damaged = original.clone();
+    damaged[5] ^= 1; // the magic: the checkpoint is unreadable
+    std::fs::write(&checkpoint, &damaged).expect("write");
+    // Before, the open succeeded with neither blob: it replayed journal 3 onwards from
+    // an empty index.
+    let error = open_fails(&dir).await;
+    assert!(
+        matches!(&error, Error::Corrupt { what, .. } if what.contains("journal is missing")),
+        "{error}"
+    );
+    assert_eq!(std::fs::read(&checkpoint).expect("read"), damaged);
+
+    std::fs::write(&checkpoint, &original).expect("restore");
+    assert_blobs(&dir, &keys).await;
     let _ = std::fs::remove_dir_all(&dir);
 }

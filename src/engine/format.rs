@@ -65,6 +65,13 @@
 //!   records silently.
 //! - Names (new segments, journals, checkpoints, removals) are made durable with an
 //!   fsync of the shard directory before anything depends on them.
+//! - A journal's header is durable before its first record, so a journal whose header
+//!   fields and first record block are zeros holds nothing and may be removed. Any
+//!   other header that does not check is damage, and a well-formed header of another
+//!   [`VERSION`] is another format: both stop the open, and no file is touched.
+//! - Journal generations are consecutive, and journals older than a checkpoint are
+//!   removed only after that checkpoint is durable: a gap in the generations from the
+//!   newest valid checkpoint to the newest journal means lost blobs, and stops the open.
 //!
 //! # What it assumes of the disk
 //!
@@ -101,7 +108,9 @@ const _: () = assert!(CHUNK_BYTES.is_multiple_of(ALIGN));
 
 pub const JOURNAL_MAGIC: [u8; 8] = *b"GRVJRNL1";
 pub const CHECKPOINT_MAGIC: [u8; 8] = *b"GRVCKPT1";
-const VERSION: u32 = 1;
+/// The format version this build writes, and the only one it reads. Version 1 includes
+/// kind 6 (PutCrc); builds older than that record kind read it as the end of the log.
+pub const VERSION: u32 = 1;
 
 /// A segment, named by its writer shard and sequence.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -453,22 +462,43 @@ pub fn encode_header(magic: [u8; 8], shard: usize, generation: u64) -> Vec<u8> {
     out
 }
 
-/// Checks a header block; returns `(shard, generation)`.
-pub fn decode_header(magic: [u8; 8], bytes: &[u8]) -> Option<(usize, u64)> {
-    if bytes.len() < 28 || bytes[0..8] != magic {
-        return None;
+/// What a header block holds.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Header {
+    /// A header of this format: the file's records can be read.
+    Valid { shard: usize, generation: u64 },
+    /// Zeros: the header was never written (a file being created, or a journal's spare).
+    Blank,
+    /// A well-formed header (magic and checksum match) of a format version this build
+    /// does not read. The file must be left alone, not taken for damage or removed.
+    Unsupported { version: u32 },
+    /// Anything else: another magic, a checksum that does not match, a short block.
+    Damaged,
+}
+
+/// Bytes of a header that carry its fields and checksum; the rest of the block is zero.
+const HEADER_FIELD_BYTES: usize = 28;
+
+/// Reads a header block.
+pub fn decode_header(magic: [u8; 8], bytes: &[u8]) -> Header {
+    let Some(fields) = bytes.get(..HEADER_FIELD_BYTES) else {
+        return Header::Damaged;
+    };
+    if fields.iter().all(|&byte| byte == 0) {
+        return Header::Blank;
     }
-    let crc = u32::from_le_bytes(bytes[24..28].try_into().ok()?);
-    if crc32fast::hash(&bytes[0..24]) != crc {
-        return None;
+    let u32_at = |at: usize| u32::from_le_bytes(fields[at..at + 4].try_into().expect("4 bytes"));
+    if fields[0..8] != magic || crc32fast::hash(&fields[0..24]) != u32_at(24) {
+        return Header::Damaged;
     }
-    let version = u32::from_le_bytes(bytes[8..12].try_into().ok()?);
+    let version = u32_at(8);
     if version != VERSION {
-        return None;
+        return Header::Unsupported { version };
     }
-    let shard = u32::from_le_bytes(bytes[12..16].try_into().ok()?) as usize;
-    let generation = u64::from_le_bytes(bytes[16..24].try_into().ok()?);
-    Some((shard, generation))
+    Header::Valid {
+        shard: u32_at(12) as usize,
+        generation: u64::from_le_bytes(fields[16..24].try_into().expect("8 bytes")),
+    }
 }
 
 pub fn journal_file_name(generation: u64) -> String {
@@ -672,14 +702,32 @@ mod tests {
     }
 
     #[test]
-    fn headers_round_trip_and_reject_damage() {
+    fn headers_round_trip_and_tell_blank_damaged_and_unsupported_apart() {
         let header = encode_header(JOURNAL_MAGIC, 3, 77);
         assert_eq!(header.len() as u64, HEADER_BYTES);
-        assert_eq!(decode_header(JOURNAL_MAGIC, &header), Some((3, 77)));
-        assert_eq!(decode_header(CHECKPOINT_MAGIC, &header), None);
+        let valid = Header::Valid {
+            shard: 3,
+            generation: 77,
+        };
+        assert_eq!(decode_header(JOURNAL_MAGIC, &header), valid);
+        assert_eq!(decode_header(CHECKPOINT_MAGIC, &header), Header::Damaged);
         let mut damaged = header.clone();
         damaged[17] ^= 1;
-        assert_eq!(decode_header(JOURNAL_MAGIC, &damaged), None);
+        assert_eq!(decode_header(JOURNAL_MAGIC, &damaged), Header::Damaged);
+        assert_eq!(decode_header(JOURNAL_MAGIC, &header[..27]), Header::Damaged);
+        let blank = vec![0u8; HEADER_BYTES as usize];
+        assert_eq!(decode_header(JOURNAL_MAGIC, &blank), Header::Blank);
+        // A later version, well formed: its own checksum over its own fields.
+        let mut later = header.clone();
+        later[8..12].copy_from_slice(&(VERSION + 1).to_le_bytes());
+        let crc = crc32fast::hash(&later[0..24]);
+        later[24..28].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(
+            decode_header(JOURNAL_MAGIC, &later),
+            Header::Unsupported {
+                version: VERSION + 1
+            }
+        );
     }
 
     #[test]

@@ -9,8 +9,13 @@
 //!   silently losing acknowledged blobs;
 //! - an invalid or incomplete checkpoint is skipped in favour of an older one and the
 //!   journals it still needs (they are removed only after a newer checkpoint is durable);
-//! - a journal without a valid header holds no records (its header is written and made
-//!   durable before any record) and is removed;
+//! - a journal whose header and first record block are zeros holds no records (its
+//!   header is written and made durable before any record) and is removed; a damaged
+//!   header on a journal with records fails the open, and so does a gap in the
+//!   generations between the newest valid checkpoint and the newest journal (blobs
+//!   would be lost silently); nothing is removed then;
+//! - a file written by another format version fails the open with
+//!   [`Error::Config`] and is left as it is;
 //! - the work is proportional to the live blobs (one checkpoint) plus the journals
 //!   written since that checkpoint, not to the store's history.
 
@@ -24,7 +29,7 @@ use graviton_io::{AlignedBuf, BufPool, Disk, DiskFile};
 use tokio::sync::mpsc;
 
 use super::error::{Error, Result};
-use super::format::{self, Decoded, Record, SegmentId, ALIGN, HEADER_BYTES, UNIT_BYTES};
+use super::format::{self, Decoded, Header, Record, SegmentId, ALIGN, HEADER_BYTES, UNIT_BYTES};
 use super::index::Index;
 use super::journal::Journal;
 use super::segments::{shard_dir_name, Segments};
@@ -43,24 +48,64 @@ struct ScanEnd {
     end_count: Option<u64>,
 }
 
+/// What reading a journal or checkpoint found.
+enum Scan {
+    /// The header was valid; the records were read.
+    Read(ScanEnd),
+    /// The file holds nothing: its header and the block after it are zeros, or it is
+    /// shorter than a header. A file being created, or a journal's spare, at a crash;
+    /// also a header write torn by a crash, since nothing is appended before the header
+    /// is durable.
+    Unfinished,
+    /// The header is damaged but the file holds more than zeros.
+    Damaged,
+}
+
 /// Reads the records of a journal or checkpoint file in order, calling `apply` for
 /// each, until the end of the log, a torn or invalid record, or a Seal/End record.
-/// `None` if the header is not valid (an unfinished file).
+/// A header of a format version this build does not read is an error: the file is
+/// left as it is.
 async fn scan_log<F: DiskFile>(
     file: &F,
     path: &Path,
     magic: [u8; 8],
     mut apply: impl FnMut(Record),
-) -> Result<Option<ScanEnd>> {
+) -> Result<Scan> {
     let file_len = file
         .len_bytes()
         .map_err(|e| Error::io("stat", path, 0, e))?;
     if file_len < HEADER_BYTES {
-        return Ok(None);
+        return Ok(Scan::Unfinished);
     }
     let header = read_aligned(file, path, 0, HEADER_BYTES).await?;
-    if format::decode_header(magic, header.as_slice()).is_none() {
-        return Ok(None);
+    match format::decode_header(magic, header.as_slice()) {
+        Header::Valid { .. } => {}
+        Header::Unsupported { version } => {
+            return Err(Error::Config(format!(
+                "{} was written by format version {version}; this build reads version {}. \
+                 Nothing was changed: open the store with a build that reads it",
+                path.display(),
+                format::VERSION
+            )))
+        }
+        Header::Blank | Header::Damaged => {
+            // Records start right after the header, so if the next block is zeros no
+            // record was ever appended.
+            let next = if file_len > HEADER_BYTES {
+                read_aligned(file, path, HEADER_BYTES, ALIGN.min(file_len - HEADER_BYTES))
+                    .await?
+                    .as_slice()
+                    .iter()
+                    .any(|&byte| byte != 0)
+            } else {
+                false
+            };
+            return Ok(if next {
+                Scan::Damaged
+            } else {
+                Scan::Unfinished
+            });
+        }
     }
     let mut window: Vec<u8> = Vec::new();
     let mut window_at = HEADER_BYTES; // file offset of window[0]
@@ -117,7 +162,7 @@ async fn scan_log<F: DiskFile>(
         let head = read_aligned(file, path, block, ALIGN).await?;
         scan.tail = head.as_slice()[..(scan.end - block) as usize].to_vec();
     }
-    Ok(Some(scan))
+    Ok(Scan::Read(scan))
 }
 
 async fn read_aligned<F: DiskFile>(
@@ -157,7 +202,7 @@ async fn load_checkpoint<D: Disk>(disk: &D, dir: &Path, generation: u64) -> Resu
     })
     .await?;
     match scan {
-        Some(ScanEnd {
+        Scan::Read(ScanEnd {
             end_count: Some(count),
             ..
         }) if count == puts => Ok(Some(index)),
@@ -165,6 +210,37 @@ async fn load_checkpoint<D: Disk>(disk: &D, dir: &Path, generation: u64) -> Resu
             tracing::warn!(path = %path.display(), "ignoring an incomplete checkpoint");
             Ok(None)
         }
+    }
+}
+
+/// The generation of a new store's first journal (and of its first checkpoint).
+const FIRST_GENERATION: u64 = 1;
+
+/// Checks that the newest valid checkpoint (`base`) and the journals from its
+/// generation on can rebuild the index: every generation from the base (or from the
+/// first, without one) to the newest journal is present. Journals are removed only once
+/// a newer checkpoint is durable, so a gap means that checkpoint was lost or damaged
+/// after the journals it replaced were removed: opening would silently lose blobs.
+fn check_chain(dir: &Path, base: Option<u64>, journals: &[u64]) -> Result<()> {
+    let first = base.unwrap_or(FIRST_GENERATION);
+    let Some(&newest) = journals.last() else {
+        return match base {
+            None => Ok(()), // a new store
+            Some(generation) => Err(missing(dir, generation)),
+        };
+    };
+    match (first..=newest).find(|generation| journals.binary_search(generation).is_err()) {
+        None => Ok(()),
+        Some(generation) => Err(missing(dir, generation)),
+    }
+}
+
+fn missing(dir: &Path, generation: u64) -> Error {
+    Error::Corrupt {
+        path: dir.join(format::journal_file_name(generation)),
+        offset: 0,
+        what: "the shard's journals and checkpoints (this journal is missing and no valid \
+               checkpoint replaces it: a newer checkpoint is damaged, unreadable or gone)",
     }
 }
 
@@ -208,12 +284,24 @@ pub async fn open_shard<D: Disk>(disk: D, wiring: ShardWiring) -> Result<Rc<Shar
         let file = disk
             .open(&path)
             .map_err(|e| Error::io("open", &path, 0, e))?;
-        let scan = scan_log(&file, &path, format::JOURNAL_MAGIC, |record| {
+        let scan = match scan_log(&file, &path, format::JOURNAL_MAGIC, |record| {
             index.borrow_mut().apply(record)
         })
-        .await?;
+        .await?
+        {
+            Scan::Read(scan) => Some(scan),
+            Scan::Unfinished => None,
+            Scan::Damaged => {
+                return Err(Error::Corrupt {
+                    path,
+                    offset: 0,
+                    what: "journal header (the journal holds records; it was left as is)",
+                })
+            }
+        };
         scans.push((generation, file, scan));
     }
+    check_chain(&dir, base, &journals)?;
     // A journal that is not the newest must be sealed, unless no newer one has records
     // (a crash between creating the newer journal and sealing this one).
     for (i, (generation, _, scan)) in scans.iter().enumerate() {
