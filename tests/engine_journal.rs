@@ -257,3 +257,77 @@ async fn a_damaged_checkpoint_whose_journals_were_removed_fails_the_open() {
     assert_blobs(&dir, &keys).await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_record_with_records_after_it_fails_the_open() {
+    let dir = test_dir("engine-journal", "record");
+    let engine = common::open_engine(config(&dir)).await;
+    // Enough records that most of them lie beyond the reach of one journal write
+    // (an eighth of the 1 MiB journal): about 85 bytes of record per 4 KiB blob.
+    let puts = (0..3000u32).map(|n| {
+        let engine = engine.clone();
+        tokio::spawn(async move {
+            let mut content = vec![0u8; 4096];
+            content[..4].copy_from_slice(&n.to_le_bytes());
+            put(&engine, &content).await
+        })
+    });
+    let keys: Vec<BlobKey> = futures::future::try_join_all(puts).await.expect("puts");
+    engine.shutdown().await.expect("shutdown");
+    drop(engine);
+
+    let path = shard_file(&dir, "journal-0000000000000001.log");
+    let original = std::fs::read(&path).expect("read the journal");
+    let mut damaged = original.clone();
+    damaged[4096 + 50] ^= 1; // inside the first record after the header
+    std::fs::write(&path, &damaged).expect("write");
+    // Before, the scan took the damaged record for a torn tail: the open succeeded and
+    // every blob after it was gone.
+    let error = open_fails(&dir).await;
+    assert!(
+        matches!(&error, Error::Corrupt { what, .. } if what.contains("not a torn write")),
+        "{error}"
+    );
+    assert_eq!(std::fs::read(&path).expect("read"), damaged);
+
+    std::fs::write(&path, &original).expect("restore");
+    let engine = common::open_engine(config(&dir)).await;
+    for (n, key) in keys.iter().enumerate() {
+        let content = read_all(&engine, key).await.expect("read");
+        assert_eq!(content[..4], (n as u32).to_le_bytes());
+    }
+    engine.shutdown().await.expect("shutdown");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_larger_than_one_journal_write_reopens_intact() {
+    let dir = test_dir("engine-journal", "split");
+    let engine = common::open_engine(config(&dir)).await;
+    // Records of ~60 KiB (their attributes): a flush of three or more exceeds one
+    // journal write (128 KiB for a 1 MiB journal) and goes out as several appends.
+    let puts = (0..12u8).map(|n| {
+        let engine = engine.clone();
+        tokio::spawn(async move {
+            let attributes = BTreeMap::from([(
+                "note".to_string(),
+                char::from(b'a' + n).to_string().repeat(60_000),
+            )]);
+            let mut upload = engine.upload(Some(1), attributes).await.expect("upload");
+            upload.write(Bytes::from(vec![n])).await.expect("write");
+            upload.complete(None).await.expect("complete").key
+        })
+    });
+    let keys: Vec<BlobKey> = futures::future::try_join_all(puts).await.expect("puts");
+    engine.shutdown().await.expect("shutdown");
+    drop(engine);
+
+    let engine = common::open_engine(config(&dir)).await;
+    for (n, key) in keys.iter().enumerate() {
+        assert_eq!(read_all(&engine, key).await.expect("read"), [n as u8]);
+        let meta = engine.stat(key).await.expect("stat");
+        assert_eq!(meta.attributes["note"].len(), 60_000);
+    }
+    engine.shutdown().await.expect("shutdown");
+    let _ = std::fs::remove_dir_all(&dir);
+}

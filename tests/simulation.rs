@@ -203,6 +203,12 @@ async fn upload(engine: &Engine, rng: &mut SimRng, content: &[u8]) -> Result<Blo
         "content-type".to_string(),
         "application/octet-stream".to_string(),
     );
+    if rng.below(8) == 0 {
+        // Records of 2–6 KiB: a group commit of a few of them is larger than one journal
+        // write (an eighth of the simulation's 48 KiB journals) and is split.
+        let len = rng.below(4096) as usize + 2048;
+        attributes.insert("padding".to_string(), "p".repeat(len));
+    }
     let mut upload = engine.upload(declared, attributes).await?;
     let mut at = 0;
     while at < content.len() {

@@ -69,6 +69,11 @@
 //!   fields and first record block are zeros holds nothing and may be removed. Any
 //!   other header that does not check is damage, and a well-formed header of another
 //!   [`VERSION`] is another format: both stop the open, and no file is touched.
+//! - Journals are written one append at a time, each from the block holding the durable
+//!   end and at most an eighth of the file (≤ 256 KiB) of records. So a crash leaves
+//!   torn bytes only within that reach of where the valid log ends; any other nonzero
+//!   byte past the end means a damaged record with records after it, which stops the
+//!   open instead of being taken for a torn tail.
 //! - Journal generations are consecutive, and journals older than a checkpoint are
 //!   removed only after that checkpoint is durable: a gap in the generations from the
 //!   newest valid checkpoint to the newest journal means lost blobs, and stops the open.

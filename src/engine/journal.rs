@@ -39,6 +39,17 @@ use super::types::BlobKey;
 /// Room kept at the end of every journal for its Seal record.
 const SEAL_RESERVE: u64 = 64;
 
+/// Most record bytes in one write to a journal file of `journal_bytes`: an eighth of it,
+/// at most 256 KiB, at least a block. A flush with more writes them with several appends,
+/// one after the other. Bounding the write bounds what a crash can tear: past the block
+/// where the durable log ends, only the one write in flight can have left bytes, so
+/// recovery tells a torn tail from a damaged record followed by good ones (see
+/// `recovery.rs`). A function of the file's size, so that recovery, which knows only
+/// the file, uses the bound its writer used.
+pub(super) fn append_bytes_max(journal_bytes: u64) -> u64 {
+    round_down_u64((journal_bytes / 8).min(256 * 1024), ALIGN).max(ALIGN)
+}
+
 pub struct Journal<D: Disk> {
     disk: D,
     shard: usize,
@@ -315,9 +326,13 @@ impl<D: Disk> Journal<D> {
                 return Err(error);
             }
         }
-        if let Err(error) = self.append_durably(&bytes).await {
-            self.poisoned.set(true);
-            return Err(error);
+        // A record may straddle two appends: if a crash falls between them it is a torn
+        // tail, and none of this flush's records was acknowledged.
+        for piece in bytes.chunks(append_bytes_max(self.capacity_bytes) as usize) {
+            if let Err(error) = self.append_durably(piece).await {
+                self.poisoned.set(true);
+                return Err(error);
+            }
         }
         let mut state = self.state.borrow_mut();
         let mut index = index.borrow_mut();
