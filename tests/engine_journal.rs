@@ -127,16 +127,31 @@ fn shard_file(dir: &Path, name: &str) -> std::path::PathBuf {
     dir.join("shard-000").join(name)
 }
 
-/// Opens the store expecting a failure; returns it.
-async fn open_fails(dir: &Path) -> Error {
+/// Writes `damaged` over the file at `path` (whose good content is `original`), checks
+/// that opening the store fails as `expected` says and leaves the file as it is, then
+/// puts `original` back.
+async fn refused_untouched_and_repaired(
+    dir: &Path,
+    path: &Path,
+    original: &[u8],
+    damaged: &[u8],
+    expected: impl Fn(&Error) -> bool,
+) {
+    std::fs::write(path, damaged).expect("write the damage");
     let config = config(dir);
-    match tokio::task::spawn_blocking(move || Engine::open(config))
+    let opened = tokio::task::spawn_blocking(move || Engine::open(config))
         .await
-        .expect("Engine::open panicked")
-    {
-        Ok(_) => panic!("the store opened although its files were damaged"),
-        Err(error) => error,
+        .expect("Engine::open panicked");
+    match opened {
+        Ok(_) => panic!("the store opened although {} was damaged", path.display()),
+        Err(error) => assert!(expected(&error), "unexpected error: {error}"),
     }
+    assert!(
+        std::fs::read(path).expect("read") == damaged,
+        "the open changed {}",
+        path.display()
+    );
+    std::fs::write(path, original).expect("repair");
 }
 
 /// Puts two blobs into a new store and shuts it down: journal 1 holds their records.
@@ -174,20 +189,14 @@ async fn a_journal_of_another_format_version_is_refused_and_left_as_it_is() {
     later[8..12].copy_from_slice(&2u32.to_le_bytes());
     let crc = crc32fast::hash(&later[0..24]);
     later[24..28].copy_from_slice(&crc.to_le_bytes());
-    std::fs::write(&path, &later).expect("write");
-
-    let error = open_fails(&dir).await;
-    assert!(
-        matches!(&error, Error::Config(text) if text.contains("format version 2")),
-        "{error}"
-    );
-    assert_eq!(
-        std::fs::read(&path).expect("read"),
-        later,
-        "the journal was changed"
-    );
-
-    std::fs::write(&path, &original).expect("restore");
+    refused_untouched_and_repaired(
+        &dir,
+        &path,
+        &original,
+        &later,
+        |error| matches!(error, Error::Config(text) if text.contains("format version 2")),
+    )
+    .await;
     assert_blobs(&dir, &keys).await;
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -200,18 +209,16 @@ async fn a_damaged_header_on_a_journal_with_records_fails_the_open_and_loses_not
     let original = std::fs::read(&path).expect("read the journal");
     let mut damaged = original.clone();
     damaged[17] ^= 0x40; // a bit of the generation: the header's checksum fails
-    std::fs::write(&path, &damaged).expect("write");
-
-    // Before, recovery took the journal for an unfinished one and removed it, with the
-    // records of both blobs.
-    let error = open_fails(&dir).await;
-    assert!(
-        matches!(&error, Error::Corrupt { what, .. } if what.contains("journal header")),
-        "{error}"
-    );
-    assert_eq!(std::fs::read(&path).expect("read"), damaged);
-
-    std::fs::write(&path, &original).expect("restore");
+                         // Before, recovery took the journal for an unfinished one and removed it, with the
+                         // records of both blobs.
+    refused_untouched_and_repaired(
+        &dir,
+        &path,
+        &original,
+        &damaged,
+        |error| matches!(error, Error::Corrupt { what, .. } if what.contains("journal header")),
+    )
+    .await;
     assert_blobs(&dir, &keys).await;
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -243,17 +250,16 @@ async fn a_damaged_checkpoint_whose_journals_were_removed_fails_the_open() {
     let original = std::fs::read(&checkpoint).expect("read the checkpoint");
     let mut damaged = original.clone();
     damaged[5] ^= 1; // the magic: the checkpoint is unreadable
-    std::fs::write(&checkpoint, &damaged).expect("write");
-    // Before, the open succeeded with neither blob: it replayed journal 3 onwards from
-    // an empty index.
-    let error = open_fails(&dir).await;
-    assert!(
-        matches!(&error, Error::Corrupt { what, .. } if what.contains("journal is missing")),
-        "{error}"
-    );
-    assert_eq!(std::fs::read(&checkpoint).expect("read"), damaged);
-
-    std::fs::write(&checkpoint, &original).expect("restore");
+                     // Before, the open succeeded with neither blob: it replayed journal 3 onwards from
+                     // an empty index.
+    refused_untouched_and_repaired(
+        &dir,
+        &checkpoint,
+        &original,
+        &damaged,
+        |error| matches!(error, Error::Corrupt { what, .. } if what.contains("journal is missing")),
+    )
+    .await;
     assert_blobs(&dir, &keys).await;
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -280,17 +286,16 @@ async fn a_damaged_record_with_records_after_it_fails_the_open() {
     let original = std::fs::read(&path).expect("read the journal");
     let mut damaged = original.clone();
     damaged[4096 + 50] ^= 1; // inside the first record after the header
-    std::fs::write(&path, &damaged).expect("write");
-    // Before, the scan took the damaged record for a torn tail: the open succeeded and
-    // every blob after it was gone.
-    let error = open_fails(&dir).await;
-    assert!(
-        matches!(&error, Error::Corrupt { what, .. } if what.contains("not a torn write")),
-        "{error}"
-    );
-    assert_eq!(std::fs::read(&path).expect("read"), damaged);
-
-    std::fs::write(&path, &original).expect("restore");
+                             // Before, the scan took the damaged record for a torn tail: the open succeeded and
+                             // every blob after it was gone.
+    refused_untouched_and_repaired(
+        &dir,
+        &path,
+        &original,
+        &damaged,
+        |error| matches!(error, Error::Corrupt { what, .. } if what.contains("not a torn write")),
+    )
+    .await;
     let engine = common::open_engine(config(&dir)).await;
     for (n, key) in keys.iter().enumerate() {
         let content = read_all(&engine, key).await.expect("read");
