@@ -243,14 +243,14 @@ impl Engine {
                 }
             }
         }
-        for health in engine.health() {
-            tracing::info!(shard = health.shard, driver = %health.driver, "shard ready");
-        }
-        engine.log_drivers();
         if let Some(error) = failure {
             engine.stop_blocking();
             return Err(error);
         }
+        for health in engine.health() {
+            tracing::info!(shard = health.shard, driver = %health.driver, "shard ready");
+        }
+        engine.log_drivers();
         Ok(engine)
     }
 
