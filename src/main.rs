@@ -106,6 +106,10 @@ struct ServeArgs {
     /// Uploads in progress at once; more are refused with UNAVAILABLE (bounds memory).
     #[arg(long, default_value_t = 256)]
     uploads_max: usize,
+    /// Seconds a read stream may go without its client taking anything before it is
+    /// ended with RESOURCE_EXHAUSTED (frees the shard read buffers it holds).
+    #[arg(long, default_value_t = 60)]
+    read_stall_secs: u64,
 }
 
 #[derive(clap::Args)]
@@ -152,6 +156,7 @@ fn serve(args: ServeArgs) -> Result<(), ClientError> {
         auth_token: args.auth_token.or_else(|| std::env::var(TOKEN_ENV).ok()),
         drain_timeout: Duration::from_secs(args.drain_timeout_secs),
         uploads_max: args.uploads_max.max(1),
+        read_stall_timeout: Duration::from_secs(args.read_stall_secs.max(1)),
         ..ServeOptions::default()
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()

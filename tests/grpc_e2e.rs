@@ -997,6 +997,87 @@ async fn uploads_beyond_the_limit_are_shed_with_unavailable() {
     server.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_stop_reading_do_not_stall_other_reads() {
+    let options = ServeOptions {
+        read_stall_timeout: Duration::from_secs(1),
+        ..ServeOptions::default()
+    };
+    let server = TestServer::start("stalled-readers", options).await;
+    let mut clients = server.clients().await;
+    let mut rng = rng("clients_that_stop_reading_do_not_stall_other_reads");
+    // Two 48 MiB blobs owned by the same shard.
+    let first = random_bytes(&mut rng, 48 * MIB);
+    let owner = key_of(&first).owner(SHARDS);
+    let second = loop {
+        let candidate = random_bytes(&mut rng, 48 * MIB);
+        if key_of(&candidate).owner(SHARDS) == owner {
+            break candidate;
+        }
+    };
+    let first_key = put(&mut clients, &first).await;
+    let second_key = put(&mut clients, &second).await;
+
+    // Twelve clients, each on its own connection, take one message of the first blob
+    // and then nothing. Each holds about nine of the shard's 64 pooled 1 MiB read
+    // buffers (queued for it, read ahead, and one in HTTP/2's hands): without the
+    // stall watch, the shard's large reads wait for them forever.
+    let mut stalled = Vec::new();
+    for _ in 0..12 {
+        // gRPC's default windows, so that the client's transport takes only what it
+        // was given room for.
+        let channel = Endpoint::from_shared(server.url())
+            .unwrap()
+            .initial_stream_window_size(65_535)
+            .initial_connection_window_size(65_535)
+            .connect()
+            .await
+            .expect("connect");
+        let mut blobs = BlobServiceClient::new(channel);
+        let request = GetBlobRequest {
+            key: wire(&first_key),
+            range: None,
+        };
+        let mut stream = blobs.get_blob(request).await.unwrap().into_inner();
+        within(60, "a stalled reader's first message", stream.message())
+            .await
+            .unwrap()
+            .expect("a first message");
+        stalled.push(stream);
+    }
+    let read = within(60, "the read beside stalled readers", async {
+        get(&mut clients.blobs, second_key.as_bytes(), None).await
+    })
+    .await;
+    assert!(
+        read.expect("the second blob") == second,
+        "the second blob's bytes"
+    );
+
+    // A stalled client that reads again, well after the timeout, gets what HTTP/2
+    // already held, then the end.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let mut stream = stalled.remove(0);
+    let status = within(30, "the stalled reader's end", async {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("a stalled read ended as if complete"),
+                Err(status) => break status,
+            }
+        }
+    })
+    .await;
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("took nothing"),
+        "{}",
+        status.message()
+    );
+    drop(stalled);
+    server.stop().await;
+}
+
 // ---------------------------------------------------------------------------------
 // Deadlines, authentication, shutdown
 

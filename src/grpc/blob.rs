@@ -9,8 +9,19 @@
 //! a buffer. A read stream that ends before its range is complete, because of an engine
 //! error, a passed deadline or the end of the drain period, ends with an error status,
 //! never silently short.
+//!
+//! **Stalled readers.** The pieces of a read are the shard's pooled read buffers, moved
+//! without copying all the way to the socket, so a client that stops taking its stream
+//! holds several of them (those queued for it, those read ahead, the one in HTTP/2's
+//! hands), and a handful of such clients would exhaust a shard's pool and stall every
+//! large read on that shard. [`StallWatch`] ends a read whose client has taken nothing
+//! for `read_stall_timeout`: it drops the engine side of the stream, which returns the
+//! queued and read-ahead buffers and stops the shard, and the client, if it reads again,
+//! gets `RESOURCE_EXHAUSTED` after what HTTP/2 already held.
 
 use std::pin::Pin;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::Stream;
@@ -20,7 +31,7 @@ use super::convert;
 use super::deadline::Deadline;
 use super::drain::Drain;
 use super::failure::{status, Failure};
-use crate::engine::{BlobRead, Engine};
+use crate::engine::{BlobKey, BlobRead, Engine};
 use crate::proto::blob_service_server::BlobService;
 use crate::proto::{
     BatchStatBlobsRequest, BatchStatBlobsResponse, BatchStatResult, BlobChunk, BlobMetadata,
@@ -37,11 +48,17 @@ type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 pub(crate) struct BlobApi {
     engine: Engine,
     drain: Drain,
+    stalls: StallWatch,
 }
 
 impl BlobApi {
-    pub(crate) fn new(engine: Engine, drain: Drain) -> BlobApi {
-        BlobApi { engine, drain }
+    /// Must be called within a tokio runtime (it starts the [`StallWatch`] task).
+    pub(crate) fn new(engine: Engine, drain: Drain, read_stall_timeout: Duration) -> BlobApi {
+        BlobApi {
+            engine,
+            drain,
+            stalls: StallWatch::start(read_stall_timeout),
+        }
     }
 
     async fn get(&self, request: Request<GetBlobRequest>) -> Result<ChunkReader, Failure> {
@@ -54,7 +71,10 @@ impl BlobApi {
             .await??;
         Ok(ChunkReader {
             position: read.start,
-            read,
+            start: read.start,
+            end: read.end,
+            key: read.meta.key,
+            read: self.stalls.watch(read),
             pending: Bytes::new(),
             deadline,
             drain: self.drain.clone(),
@@ -162,7 +182,11 @@ impl BlobService for BlobApi {
 
 /// Turns a [`BlobRead`] into `BlobChunk`s, stopping at the deadline or the drain.
 struct ChunkReader {
-    read: BlobRead,
+    /// The engine's stream, shared with the [`StallWatch`].
+    read: Arc<Mutex<Watched>>,
+    start: u64,
+    end: u64,
+    key: BlobKey,
     /// Absolute position in the blob of the next byte to send.
     position: u64,
     /// The part of the engine's last piece not sent yet.
@@ -185,14 +209,22 @@ impl ChunkReader {
             return None;
         }
         while self.pending.is_empty() {
+            // Out of the slot while it is polled here: the client is asking, not stalled.
+            let taken = lock(&self.read).read.take();
+            let Some(mut read) = taken else {
+                self.done = true;
+                let seconds = lock(&self.read).stalled_after.as_secs();
+                return Some(Err(Failure::ReadStalled { seconds }));
+            };
             let next = tokio::select! {
                 biased;
                 () = self.drain.aborted() => Some(Err(Failure::ShuttingDown)),
                 () = self.deadline.passed() => {
                     Some(Err(Failure::DeadlineExceeded { what: "the read" }))
                 }
-                next = self.read.next_chunk() => next.map(|piece| piece.map_err(Failure::from)),
+                next = read.next_chunk() => next.map(|piece| piece.map_err(Failure::from)),
             };
+            lock(&self.read).put_back(read);
             match next {
                 Some(Ok(piece)) => self.pending = piece,
                 Some(Err(failure)) => {
@@ -201,10 +233,10 @@ impl ChunkReader {
                 }
                 None => {
                     self.done = true;
-                    return (self.position != self.read.end).then(|| {
+                    return (self.position != self.end).then(|| {
                         Err(Failure::Internal(format!(
                             "the engine ended the read of {} at byte {} of [{}, {})",
-                            self.read.meta.key, self.position, self.read.start, self.read.end
+                            self.key, self.position, self.start, self.end
                         )))
                     });
                 }
@@ -215,16 +247,110 @@ impl ChunkReader {
             .split_to(self.pending.len().min(RESPONSE_CHUNK_BYTES_MAX));
         let offset = self.position;
         self.position += data.len() as u64;
-        if self.position > self.read.end {
+        if self.position > self.end {
             self.done = true;
             return Some(Err(Failure::Internal(format!(
                 "the engine read past the end of [{}, {}) of {}",
-                self.read.start, self.read.end, self.read.meta.key
+                self.start, self.end, self.key
             ))));
         }
         Some(Ok(BlobChunk {
             data,
             offset: convert::wire_size(offset),
         }))
+    }
+}
+
+/// A read stream's engine side, as the [`StallWatch`] sees it.
+struct Watched {
+    /// `None` while the response polls it, and for good once the watch ended it.
+    read: Option<BlobRead>,
+    /// When the response last gave the stream back: its client took a piece then.
+    since: Instant,
+    /// Set when the watch ended the read: how long it had gone untaken.
+    stalled_after: Duration,
+}
+
+impl Watched {
+    fn put_back(&mut self, read: BlobRead) {
+        if self.stalled_after.is_zero() {
+            self.read = Some(read);
+            self.since = Instant::now();
+        }
+    }
+}
+
+fn lock(watched: &Mutex<Watched>) -> std::sync::MutexGuard<'_, Watched> {
+    watched
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Ends read streams whose client takes nothing for `timeout` (see the module docs).
+/// One task per server scans the open reads a few times per `timeout`; a read costs a
+/// registration (a lock and a push), and a scan is linear in the reads open.
+#[derive(Clone)]
+struct StallWatch {
+    inner: Arc<WatchInner>,
+}
+
+struct WatchInner {
+    timeout: Duration,
+    reads: Mutex<Vec<Weak<Mutex<Watched>>>>,
+}
+
+impl StallWatch {
+    fn start(timeout: Duration) -> StallWatch {
+        let inner = Arc::new(WatchInner {
+            timeout,
+            reads: Mutex::new(Vec::new()),
+        });
+        let watch = Arc::downgrade(&inner);
+        let period = (timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(period).await;
+                let Some(inner) = watch.upgrade() else {
+                    return; // the service is gone
+                };
+                inner.scan();
+            }
+        });
+        StallWatch { inner }
+    }
+
+    fn watch(&self, read: BlobRead) -> Arc<Mutex<Watched>> {
+        let watched = Arc::new(Mutex::new(Watched {
+            read: Some(read),
+            since: Instant::now(),
+            stalled_after: Duration::ZERO,
+        }));
+        let mut reads = self.inner.reads.lock().unwrap_or_else(|p| p.into_inner());
+        reads.push(Arc::downgrade(&watched));
+        drop(reads);
+        watched
+    }
+}
+
+impl WatchInner {
+    /// Ends the stalled reads and forgets the finished ones.
+    fn scan(&self) {
+        let mut reads = self.reads.lock().unwrap_or_else(|p| p.into_inner());
+        reads.retain(|weak| {
+            let Some(watched) = weak.upgrade() else {
+                return false; // the response is gone
+            };
+            let mut watched = lock(&watched);
+            let idle = watched.since.elapsed();
+            if watched.read.is_some() && idle >= self.timeout {
+                // Dropping the engine's receiver frees what is queued in it and stops
+                // the shard's read-ahead.
+                watched.read = None;
+                watched.stalled_after = idle;
+                tracing::debug!(?idle, "read stream ended: its client took nothing");
+                return false;
+            }
+            true
+        });
     }
 }

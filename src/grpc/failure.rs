@@ -9,7 +9,7 @@
 //! |----------------------------------------------------|----------------------|
 //! | `NotFound`                                         | `NOT_FOUND`          |
 //! | `InvalidArgument`, `HashMismatch`, `SizeMismatch`, front-end `InvalidArgument` | `INVALID_ARGUMENT` |
-//! | `NoSpace`, a message over the size limit           | `RESOURCE_EXHAUSTED` |
+//! | `NoSpace`, a message over the size limit, a read the client stopped taking | `RESOURCE_EXHAUSTED` |
 //! | `ShuttingDown`, `Poisoned`, front-end `ShuttingDown` | `UNAVAILABLE`      |
 //! | `Io`, `Corrupt`, `Config`, front-end `Internal`    | `INTERNAL`           |
 //! | deadline passed                                    | `DEADLINE_EXCEEDED`  |
@@ -44,6 +44,9 @@ pub(crate) enum Failure {
     /// gRPC's other implementations answer `RESOURCE_EXHAUSTED` for this (tonic's
     /// decoder says `OUT_OF_RANGE`, which the contract does not know).
     MessageTooLarge(String),
+    /// The client took nothing from a read stream for `seconds`, so the server ended it
+    /// to free the read buffers it held, which every read of a shard shares.
+    ReadStalled { seconds: u64 },
     /// A fault of the server itself, found by the front-end (e.g. the engine ended a
     /// read short of its range); the text says what.
     Internal(String),
@@ -91,6 +94,13 @@ pub(crate) fn status(failure: Failure) -> Status {
         Failure::MessageTooLarge(text) => (
             Code::ResourceExhausted,
             format!("{text}; send smaller chunks"),
+        ),
+        Failure::ReadStalled { seconds } => (
+            Code::ResourceExhausted,
+            format!(
+                "the client took nothing from this read for {seconds} s, so the server ended it to free \
+                 its read buffers; read the stream as it comes, or ask for the rest with a range"
+            ),
         ),
         Failure::Internal(text) => (Code::Internal, text),
         Failure::Transport(status) => return status,

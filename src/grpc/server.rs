@@ -63,6 +63,11 @@ pub struct ServeOptions {
     /// With the engine's per-upload channel, this bounds upload memory whatever clients
     /// do: about `uploads_max × (2 + 1) × chunk_bytes_max` at worst (default 256).
     pub uploads_max: usize,
+    /// A `GetBlob` stream whose client takes nothing for this long is ended with
+    /// `RESOURCE_EXHAUSTED` (default 60 s). Read buffers are a bounded pool per shard
+    /// and a stream holds several until its client takes them, so without this a few
+    /// clients that stop reading would stall every large read of a shard.
+    pub read_stall_timeout: Duration,
 }
 
 impl Default for ServeOptions {
@@ -73,6 +78,7 @@ impl Default for ServeOptions {
             chunk_bytes_max: 4 * 1024 * 1024,
             keepalive_interval: Some(Duration::from_secs(30)),
             uploads_max: 256,
+            read_stall_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -194,12 +200,16 @@ fn routes(
 
     let message_bytes_max = options.chunk_bytes_max + MESSAGE_OVERHEAD_BYTES;
     let auth = BearerAuth::new(options.auth_token.as_deref());
-    let blob = BlobServiceServer::new(BlobApi::new(engine.clone(), drain.clone()))
-        .accept_compressed(CompressionEncoding::Gzip)
-        .accept_compressed(CompressionEncoding::Zstd)
-        .send_compressed(CompressionEncoding::Gzip)
-        .send_compressed(CompressionEncoding::Zstd)
-        .max_decoding_message_size(message_bytes_max);
+    let blob = BlobServiceServer::new(BlobApi::new(
+        engine.clone(),
+        drain.clone(),
+        options.read_stall_timeout,
+    ))
+    .accept_compressed(CompressionEncoding::Gzip)
+    .accept_compressed(CompressionEncoding::Zstd)
+    .send_compressed(CompressionEncoding::Gzip)
+    .send_compressed(CompressionEncoding::Zstd)
+    .max_decoding_message_size(message_bytes_max);
     let upload =
         UploadServiceServer::new(UploadApi::new(engine, drain.clone(), options.uploads_max))
             .accept_compressed(CompressionEncoding::Gzip)
