@@ -49,6 +49,8 @@ struct ScanEnd {
     records: u64,
     /// The count of a checkpoint's End record, if one was found.
     end_count: Option<u64>,
+    /// The file's length.
+    file_len: u64,
 }
 
 /// What reading a journal or checkpoint found.
@@ -120,6 +122,7 @@ async fn scan_log<F: DiskFile>(
         sealed: false,
         records: 0,
         end_count: None,
+        file_len,
     };
     loop {
         let decoded = format::decode_record(&window[cursor..]);
@@ -168,17 +171,15 @@ async fn scan_log<F: DiskFile>(
     Ok(Scan::Read(scan))
 }
 
-/// Checks that the log of an unsealed journal, which ends at `end`, ends in a torn tail
+/// Checks that an unsealed journal's log, which ends at `scan.end`, ends in a torn tail
 /// and not at a damaged record with good records after it. Journal files are zero-filled
 /// and appends are written one at a time, each at most [`append_bytes_max`] bytes from
 /// the block holding the durable end: so the write a crash tore lies within that reach
 /// of `end`, and anything but zeros beyond it was written by an earlier, complete
 /// append. Damage within that reach of the end cannot be told from a torn write; it is
 /// taken for one.
-async fn check_torn_tail<F: DiskFile>(file: &F, path: &Path, end: u64) -> Result<()> {
-    let file_len = file
-        .len_bytes()
-        .map_err(|e| Error::io("stat", path, 0, e))?;
+async fn check_torn_tail<F: DiskFile>(file: &F, path: &Path, scan: &ScanEnd) -> Result<()> {
+    let (end, file_len) = (scan.end, scan.file_len);
     let reach = round_down_u64(end, ALIGN) + append_bytes_max(file_len) + 2 * ALIGN;
     let units: Vec<u64> = (reach..file_len).step_by(UNIT_BYTES as usize).collect();
     // A few reads in flight: one at a time, this scan alone took a quarter of a second
@@ -330,7 +331,7 @@ pub async fn open_shard<D: Disk>(disk: D, wiring: ShardWiring) -> Result<Rc<Shar
         {
             Scan::Read(scan) => {
                 if !scan.sealed {
-                    check_torn_tail(&file, &path, scan.end).await?;
+                    check_torn_tail(&file, &path, &scan).await?;
                 }
                 Some(scan)
             }

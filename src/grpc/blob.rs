@@ -74,7 +74,8 @@ impl BlobApi {
             start: read.start,
             end: read.end,
             key: read.meta.key,
-            read: self.stalls.watch(read),
+            read: Arc::new(Mutex::new(Watched::new(read))),
+            stalls: Some(self.stalls.clone()),
             pending: Bytes::new(),
             deadline,
             drain: self.drain.clone(),
@@ -182,8 +183,12 @@ impl BlobService for BlobApi {
 
 /// Turns a [`BlobRead`] into `BlobChunk`s, stopping at the deadline or the drain.
 struct ChunkReader {
-    /// The engine's stream, shared with the [`StallWatch`].
+    /// The engine's stream, shared with the [`StallWatch`] once registered there.
     read: Arc<Mutex<Watched>>,
+    /// Taken when the read registers with the watch: once it has sent a piece and is
+    /// not done. A read of one piece (every small blob) never does, so gets of small
+    /// blobs pay no registration; the watch could free nothing of theirs anyway.
+    stalls: Option<StallWatch>,
     start: u64,
     end: u64,
     key: BlobKey,
@@ -247,6 +252,11 @@ impl ChunkReader {
             .split_to(self.pending.len().min(RESPONSE_CHUNK_BYTES_MAX));
         let offset = self.position;
         self.position += data.len() as u64;
+        if self.position < self.end {
+            if let Some(stalls) = self.stalls.take() {
+                stalls.watch(&self.read);
+            }
+        }
         if self.position > self.end {
             self.done = true;
             return Some(Err(Failure::Internal(format!(
@@ -272,6 +282,14 @@ struct Watched {
 }
 
 impl Watched {
+    fn new(read: BlobRead) -> Watched {
+        Watched {
+            read: Some(read),
+            since: Instant::now(),
+            stalled_after: Duration::ZERO,
+        }
+    }
+
     fn put_back(&mut self, read: BlobRead) {
         if self.stalled_after.is_zero() {
             self.read = Some(read);
@@ -280,15 +298,17 @@ impl Watched {
     }
 }
 
-fn lock(watched: &Mutex<Watched>) -> std::sync::MutexGuard<'_, Watched> {
-    watched
+/// Locks, ignoring poisoning: every critical section here leaves its data consistent.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Ends read streams whose client takes nothing for `timeout` (see the module docs).
-/// One task per server scans the open reads a few times per `timeout`; a read costs a
-/// registration (a lock and a push), and a scan is linear in the reads open.
+/// One task per server scans the registered reads a few times per `timeout`; a read
+/// registers (a lock and a push) once it has sent a piece and is not done, and a scan
+/// is linear in the registered reads.
 #[derive(Clone)]
 struct StallWatch {
     inner: Arc<WatchInner>,
@@ -319,24 +339,15 @@ impl StallWatch {
         StallWatch { inner }
     }
 
-    fn watch(&self, read: BlobRead) -> Arc<Mutex<Watched>> {
-        let watched = Arc::new(Mutex::new(Watched {
-            read: Some(read),
-            since: Instant::now(),
-            stalled_after: Duration::ZERO,
-        }));
-        let mut reads = self.inner.reads.lock().unwrap_or_else(|p| p.into_inner());
-        reads.push(Arc::downgrade(&watched));
-        drop(reads);
-        watched
+    fn watch(&self, watched: &Arc<Mutex<Watched>>) {
+        lock(&self.inner.reads).push(Arc::downgrade(watched));
     }
 }
 
 impl WatchInner {
     /// Ends the stalled reads and forgets the finished ones.
     fn scan(&self) {
-        let mut reads = self.reads.lock().unwrap_or_else(|p| p.into_inner());
-        reads.retain(|weak| {
+        lock(&self.reads).retain(|weak| {
             let Some(watched) = weak.upgrade() else {
                 return false; // the response is gone
             };
