@@ -110,6 +110,10 @@ struct ServeArgs {
     /// ended with RESOURCE_EXHAUSTED (frees the shard read buffers it holds).
     #[arg(long, default_value_t = 60)]
     read_stall_secs: u64,
+    /// GetBlob and ListBlobs streams open at once; more are refused with UNAVAILABLE
+    /// (bounds what stalled readers can make the server hold).
+    #[arg(long, default_value_t = 128)]
+    reads_max: usize,
 }
 
 #[derive(clap::Args)]
@@ -157,6 +161,7 @@ fn serve(args: ServeArgs) -> Result<(), ClientError> {
         drain_timeout: Duration::from_secs(args.drain_timeout_secs),
         uploads_max: args.uploads_max.max(1),
         read_stall_timeout: Duration::from_secs(args.read_stall_secs.max(1)),
+        reads_max: args.reads_max.max(1),
         ..ServeOptions::default()
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()

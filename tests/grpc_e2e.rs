@@ -998,6 +998,116 @@ async fn uploads_beyond_the_limit_are_shed_with_unavailable() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn response_streams_beyond_the_limit_are_shed_with_unavailable() {
+    let options = ServeOptions {
+        reads_max: 2,
+        ..ServeOptions::default()
+    };
+    let server = TestServer::start("shed-reads", options).await;
+    let mut clients = server.clients().await;
+    let mut rng = rng("response_streams_beyond_the_limit_are_shed_with_unavailable");
+    let large = random_bytes(&mut rng, 24 * MIB);
+    let small = random_bytes(&mut rng, 5000);
+    let large_key = put(&mut clients, &large).await;
+    let small_key = put(&mut clients, &small).await;
+
+    // Two readers that took one message and stopped hold both slots: their clients may
+    // never read again, and HTTP/2 holds what was encoded for them until they do.
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        let request = GetBlobRequest {
+            key: wire(&large_key),
+            range: None,
+        };
+        let mut stream = clients.blobs.get_blob(request).await.unwrap().into_inner();
+        within(60, "a first message", stream.message())
+            .await
+            .unwrap()
+            .expect("a first message");
+        open.push(stream);
+    }
+    let refused = get(&mut clients.blobs, small_key.as_bytes(), None).await;
+    let status = assert_code(
+        refused.map(|data| data.len()),
+        Code::Unavailable,
+        "a third read",
+    );
+    assert!(status.message().contains("2 reads"), "{}", status.message());
+    let listing = clients
+        .blobs
+        .list_blobs(ListBlobsRequest::default())
+        .await
+        .map(drop);
+    assert_code(
+        listing,
+        Code::Unavailable,
+        "a listing beside two open reads",
+    );
+
+    // A client that goes away frees its slot; finished reads free theirs.
+    drop(open.pop());
+    let read = within(10, "a read once a slot is free", async {
+        loop {
+            match get(&mut clients.blobs, small_key.as_bytes(), None).await {
+                Err(status) if status.code() == Code::Unavailable => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                other => break other,
+            }
+        }
+    })
+    .await;
+    assert!(
+        read.expect("the small blob") == small,
+        "the small blob's bytes"
+    );
+    for _ in 0..3 {
+        assert!(
+            get(&mut clients.blobs, small_key.as_bytes(), None)
+                .await
+                .unwrap()
+                == small
+        );
+        assert_eq!(list_all(&mut clients.blobs, 10).await.len(), 2);
+    }
+    drop(open);
+    server.stop().await;
+}
+
+/// tonic's default is no limit on streams per connection (it overrides hyper's 200); the
+/// server must announce one in its HTTP/2 SETTINGS, or one connection could hold any
+/// number of calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_limits_streams_per_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const SETTINGS: u8 = 0x4;
+    const SETTINGS_MAX_CONCURRENT_STREAMS: u16 = 0x3;
+    let server = TestServer::start("streams-limit", ServeOptions::default()).await;
+    let mut socket = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    // The client connection preface, then an empty SETTINGS frame (RFC 9113 §3.4).
+    socket
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .unwrap();
+    // The server's preface is a SETTINGS frame: 9 bytes of header, then 6 per setting.
+    let mut header = [0u8; 9];
+    within(10, "the server's SETTINGS", socket.read_exact(&mut header))
+        .await
+        .unwrap();
+    assert_eq!(header[3], SETTINGS, "the server's first frame");
+    let len = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
+    let mut payload = vec![0u8; len];
+    socket.read_exact(&mut payload).await.unwrap();
+    let limit = payload
+        .chunks_exact(6)
+        .find(|entry| u16::from_be_bytes([entry[0], entry[1]]) == SETTINGS_MAX_CONCURRENT_STREAMS)
+        .map(|entry| u32::from_be_bytes([entry[2], entry[3], entry[4], entry[5]]));
+    assert_eq!(limit, Some(512), "SETTINGS_MAX_CONCURRENT_STREAMS");
+    drop(socket);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_that_stop_reading_do_not_stall_other_reads() {
     let options = ServeOptions {
         read_stall_timeout: Duration::from_secs(1),
@@ -1018,12 +1128,14 @@ async fn clients_that_stop_reading_do_not_stall_other_reads() {
     let first_key = put(&mut clients, &first).await;
     let second_key = put(&mut clients, &second).await;
 
-    // Twelve clients, each on its own connection, take one message of the first blob
-    // and then nothing. Each holds about nine of the shard's 64 pooled 1 MiB read
-    // buffers (queued for it, read ahead, and one in HTTP/2's hands): without the
-    // stall watch, the shard's large reads wait for them forever.
+    // 72 clients, each on its own connection, take one message of the first blob and
+    // then nothing. Each holds about eight of the shard's 64 pooled 1 MiB read buffers
+    // (queued for it and read ahead): without the stall watch, the shard's large reads
+    // wait for them forever. Once the watch has ended them, none may keep a pooled
+    // buffer (what HTTP/2 holds for them is tonic's copy): there are more of them than
+    // the pool has buffers.
     let mut stalled = Vec::new();
-    for _ in 0..12 {
+    for _ in 0..72 {
         // gRPC's default windows, so that the client's transport takes only what it
         // was given room for.
         let channel = Endpoint::from_shared(server.url())

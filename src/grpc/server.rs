@@ -44,6 +44,10 @@ const MESSAGE_OVERHEAD_BYTES: usize = 64 * 1024;
 const ABORT_GRACE: Duration = Duration::from_secs(5);
 /// How long a keepalive ping may go unanswered before the connection is closed.
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+/// HTTP/2 streams one connection may have open at once (its SETTINGS_MAX_CONCURRENT_STREAMS).
+/// tonic's default is no limit (it overrides hyper's 200), which lets one connection hold
+/// any number of calls' state; clients queue their calls beyond this limit.
+const STREAMS_PER_CONNECTION_MAX: u32 = 512;
 
 /// How the server runs. `Default` is what `graviton serve` uses without flags.
 #[derive(Clone, Debug)]
@@ -68,6 +72,12 @@ pub struct ServeOptions {
     /// and a stream holds several until its client takes them, so without this a few
     /// clients that stop reading would stall every large read of a shard.
     pub read_stall_timeout: Duration,
+    /// `GetBlob` and `ListBlobs` response streams open at once; more are refused with
+    /// `UNAVAILABLE`. A stream's client may stop reading, and HTTP/2 then holds what
+    /// was encoded for it (3.4 MiB for a `GetBlob`, measured), so this bounds response
+    /// memory whatever clients do: about `reads_max × 3.4 MiB`, 435 MiB at the default
+    /// of 128.
+    pub reads_max: usize,
 }
 
 impl Default for ServeOptions {
@@ -79,6 +89,7 @@ impl Default for ServeOptions {
             keepalive_interval: Some(Duration::from_secs(30)),
             uploads_max: 256,
             read_stall_timeout: Duration::from_secs(60),
+            reads_max: 128,
         }
     }
 }
@@ -153,6 +164,7 @@ async fn serve_until_drained(
     let server = Server::builder()
         .http2_keepalive_interval(options.keepalive_interval)
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .max_concurrent_streams(STREAMS_PER_CONNECTION_MAX)
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, signal);
     tokio::pin!(server);
@@ -204,6 +216,7 @@ fn routes(
         engine.clone(),
         drain.clone(),
         options.read_stall_timeout,
+        options.reads_max,
     ))
     .accept_compressed(CompressionEncoding::Gzip)
     .accept_compressed(CompressionEncoding::Zstd)
