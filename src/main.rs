@@ -114,6 +114,10 @@ struct ServeArgs {
     /// (bounds what stalled readers can make the server hold).
     #[arg(long, default_value_t = 128)]
     reads_max: usize,
+    /// Client connections open at once; more wait in the listen backlog (bounds what
+    /// connections can make the server hold).
+    #[arg(long, default_value_t = 256)]
+    connections_max: usize,
 }
 
 #[derive(clap::Args)]
@@ -162,6 +166,7 @@ fn serve(args: ServeArgs) -> Result<(), ClientError> {
         uploads_max: args.uploads_max.max(1),
         read_stall_timeout: Duration::from_secs(args.read_stall_secs.max(1)),
         reads_max: args.reads_max.max(1),
+        connections_max: args.connections_max.max(1),
         ..ServeOptions::default()
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()

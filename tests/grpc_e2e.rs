@@ -1074,14 +1074,53 @@ async fn response_streams_beyond_the_limit_are_shed_with_unavailable() {
     server.stop().await;
 }
 
-/// tonic's default is no limit on streams per connection (it overrides hyper's 200); the
-/// server must announce one in its HTTP/2 SETTINGS, or one connection could hold any
-/// number of calls.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_server_limits_streams_per_connection() {
+async fn connections_beyond_the_limit_wait_for_one_to_close() {
+    let options = ServeOptions {
+        connections_max: 2,
+        ..ServeOptions::default()
+    };
+    let server = TestServer::start("connections-limit", options).await;
+    let absent = [7u8; 32];
+    let answered = |result: Result<BlobMetadata, Status>| {
+        assert_code(result, Code::NotFound, "a stat of an absent key");
+    };
+    // Two connections, each answered.
+    let mut first = server.clients().await;
+    let mut second = server.clients().await;
+    answered(stat(&mut first.blobs, &absent).await);
+    answered(stat(&mut second.blobs, &absent).await);
+    // A third waits, not accepted, while both are open...
+    let url = server.url();
+    let third = tokio::spawn(async move {
+        let channel = Endpoint::from_shared(url).unwrap().connect().await?;
+        let mut blobs = BlobServiceClient::new(channel);
+        Ok::<_, tonic::transport::Error>(stat(&mut blobs, &absent).await)
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        !third.is_finished(),
+        "a third connection was served beside two"
+    );
+    // ...and is served once one of them closes.
+    drop(first);
+    let result = within(10, "the third connection's call", third).await;
+    answered(result.unwrap().expect("connect"));
+    answered(stat(&mut second.blobs, &absent).await);
+    drop(second);
+    server.stop().await;
+}
+
+/// tonic's default is no limit on streams per connection (it overrides hyper's 200); the
+/// server must announce one in its HTTP/2 SETTINGS, or one connection could make it hold
+/// any number of calls. A header block is bounded by hyper's default (16 KiB when this
+/// was written); the test fails if an upgrade lifts it past 64 KiB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_limits_streams_and_headers_per_connection() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     const SETTINGS: u8 = 0x4;
     const SETTINGS_MAX_CONCURRENT_STREAMS: u16 = 0x3;
+    const SETTINGS_MAX_HEADER_LIST_SIZE: u16 = 0x6;
     let server = TestServer::start("streams-limit", ServeOptions::default()).await;
     let mut socket = tokio::net::TcpStream::connect(server.addr).await.unwrap();
     // The client connection preface, then an empty SETTINGS frame (RFC 9113 §3.4).
@@ -1098,11 +1137,22 @@ async fn the_server_limits_streams_per_connection() {
     let len = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
     let mut payload = vec![0u8; len];
     socket.read_exact(&mut payload).await.unwrap();
-    let limit = payload
-        .chunks_exact(6)
-        .find(|entry| u16::from_be_bytes([entry[0], entry[1]]) == SETTINGS_MAX_CONCURRENT_STREAMS)
-        .map(|entry| u32::from_be_bytes([entry[2], entry[3], entry[4], entry[5]]));
-    assert_eq!(limit, Some(512), "SETTINGS_MAX_CONCURRENT_STREAMS");
+    let setting = |id: u16| {
+        payload
+            .chunks_exact(6)
+            .find(|entry| u16::from_be_bytes([entry[0], entry[1]]) == id)
+            .map(|entry| u32::from_be_bytes([entry[2], entry[3], entry[4], entry[5]]))
+    };
+    assert_eq!(
+        setting(SETTINGS_MAX_CONCURRENT_STREAMS),
+        Some(512),
+        "SETTINGS_MAX_CONCURRENT_STREAMS"
+    );
+    let header_list = setting(SETTINGS_MAX_HEADER_LIST_SIZE);
+    assert!(
+        header_list.is_some_and(|bytes| bytes <= 64 * 1024),
+        "SETTINGS_MAX_HEADER_LIST_SIZE: {header_list:?}"
+    );
     drop(socket);
     server.stop().await;
 }

@@ -14,6 +14,10 @@
 //!   (`DEADLINE_EXCEEDED`);
 //! - memory per stream is bounded: back-pressure from the engine stops reading the
 //!   client's stream, and a slow reader slows the engine's reads;
+//! - so is the number of everything that holds memory for a client: connections
+//!   (`connections_max`; more wait in the listen backlog), streams per connection (512),
+//!   uploads (`uploads_max`) and open `GetBlob`/`ListBlobs` responses (`reads_max`),
+//!   the last two refused with `UNAVAILABLE` beyond their limit;
 //! - on shutdown, calls in flight get a bounded drain period, then the engine is shut
 //!   down (everything acknowledged is durable) before [`serve`] returns.
 //!
@@ -21,6 +25,7 @@
 
 mod auth;
 mod blob;
+mod connections;
 mod convert;
 mod deadline;
 mod drain;

@@ -30,6 +30,7 @@ use tonic_health::server::HealthReporter;
 
 use super::auth::BearerAuth;
 use super::blob::BlobApi;
+use super::connections;
 use super::drain::{self, Drain};
 use super::health::{self, HealthApi};
 use super::upload::UploadApi;
@@ -78,6 +79,10 @@ pub struct ServeOptions {
     /// memory whatever clients do: about `reads_max × 3.4 MiB`, 435 MiB at the default
     /// of 128.
     pub reads_max: usize,
+    /// Client connections open at once; more wait in the listen backlog until one
+    /// closes (default 256). Each can hold up to its HTTP/2 windows of unconsumed data
+    /// and its streams' state, so this bounds that memory whatever clients do.
+    pub connections_max: usize,
 }
 
 impl Default for ServeOptions {
@@ -90,6 +95,7 @@ impl Default for ServeOptions {
             uploads_max: 256,
             read_stall_timeout: Duration::from_secs(60),
             reads_max: 128,
+            connections_max: 256,
         }
     }
 }
@@ -160,7 +166,10 @@ async fn serve_until_drained(
         tracing::info!("shutting down: refusing new calls, draining calls in flight");
         trigger.start_draining();
     };
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let incoming = connections::limit(
+        TcpIncoming::from(listener).with_nodelay(Some(true)),
+        options.connections_max,
+    );
     let server = Server::builder()
         .http2_keepalive_interval(options.keepalive_interval)
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
