@@ -116,7 +116,7 @@ struct ServeArgs {
     reads_max: usize,
     /// Client connections open at once; more wait in the listen backlog (bounds what
     /// connections can make the server hold).
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 1024)]
     connections_max: usize,
 }
 

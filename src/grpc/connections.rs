@@ -8,17 +8,23 @@
 //! new connections wait in the kernel's listen backlog (their calls start once another
 //! connection closes, or time out at the client) rather than being accepted and held.
 //! Each accepted connection carries its permit ([`Counted`]) and returns it when hyper
-//! drops it, whichever way the connection ended.
+//! drops it, whichever way the connection ended. Waiting connections are silent for
+//! their clients, so the server logs a warning when the limit is reached (at most once
+//! per [`WARN_PERIOD`]).
 
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::transport::server::Connected;
+
+/// The shortest time between two warnings that the limit was reached.
+const WARN_PERIOD: Duration = Duration::from_secs(10);
 
 /// Accepted connections of `incoming`, at most `max` of them open at once.
 pub(crate) fn limit<S, IO, E>(incoming: S, max: usize) -> impl Stream<Item = Result<Counted<IO>, E>>
@@ -26,20 +32,34 @@ where
     S: Stream<Item = Result<IO, E>> + Send + 'static,
 {
     let permits = Arc::new(Semaphore::new(max));
+    let warned: Option<Instant> = None;
     futures::stream::unfold(
-        (incoming.boxed(), permits),
-        |(mut incoming, permits)| async move {
-            let permit = permits
-                .clone()
-                .acquire_owned()
-                .await
-                .expect("the semaphore is never closed");
+        (incoming.boxed(), permits, warned),
+        move |(mut incoming, permits, mut warned)| async move {
+            let permit = match permits.clone().try_acquire_owned() {
+                Ok(permit) => permit,
+                Err(_) => {
+                    if warned.is_none_or(|at| at.elapsed() >= WARN_PERIOD) {
+                        tracing::warn!(
+                            limit = max,
+                            "client connections at the limit (--connections-max): new ones \
+                             wait in the listen backlog until one closes"
+                        );
+                        warned = Some(Instant::now());
+                    }
+                    permits
+                        .clone()
+                        .acquire_owned()
+                        .await
+                        .expect("the semaphore is never closed")
+                }
+            };
             let accepted = incoming.next().await?;
             let counted = accepted.map(|io| Counted {
                 io,
                 _permit: permit,
             });
-            Some((counted, (incoming, permits)))
+            Some((counted, (incoming, permits, warned)))
         },
     )
 }

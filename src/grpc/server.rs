@@ -80,8 +80,9 @@ pub struct ServeOptions {
     /// of 128.
     pub reads_max: usize,
     /// Client connections open at once; more wait in the listen backlog until one
-    /// closes (default 256). Each can hold up to its HTTP/2 windows of unconsumed data
-    /// and its streams' state, so this bounds that memory whatever clients do.
+    /// closes (default 1024). Each can hold up to its HTTP/2 connection window (1 MiB)
+    /// of unconsumed data and its streams' state, so this bounds that memory whatever
+    /// clients do; a warning is logged when the limit is reached.
     pub connections_max: usize,
 }
 
@@ -95,7 +96,7 @@ impl Default for ServeOptions {
             uploads_max: 256,
             read_stall_timeout: Duration::from_secs(60),
             reads_max: 128,
-            connections_max: 256,
+            connections_max: 1024,
         }
     }
 }
