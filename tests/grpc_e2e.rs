@@ -918,6 +918,42 @@ async fn oversized_chunks_are_refused_and_store_nothing() {
     server.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_requests_are_resource_exhausted() {
+    let server = TestServer::start("oversized-requests", ServeOptions::default()).await;
+    let mut clients = server.clients().await;
+    // tonic refuses a unary request over the limit before any handler runs, with
+    // OUT_OF_RANGE; the contract says RESOURCE_EXHAUSTED.
+    let huge_key = Bytes::from(vec![1u8; 2 * MIB]);
+    let result = clients
+        .blobs
+        .stat_blob(StatBlobRequest { key: huge_key })
+        .await;
+    let status = assert_code(result, Code::ResourceExhausted, "a 2 MiB StatBlob");
+    assert!(status.message().contains("smaller requests"), "{status:?}");
+    // The largest legitimate request, 10,000 keys, is well within the limit...
+    let keys: Vec<Bytes> = (0..10_000u32)
+        .map(|i| Bytes::copy_from_slice(&[i.to_le_bytes(), [0; 4]].concat().repeat(4)))
+        .collect();
+    let batch = clients
+        .blobs
+        .batch_stat_blobs(BatchStatBlobsRequest { keys: keys.clone() })
+        .await
+        .expect("a batch of 10,000 keys")
+        .into_inner();
+    assert_eq!(batch.results.len(), 10_000);
+    assert!(batch.results.iter().all(|result| !result.found));
+    // ...and one key more is refused by the handler, as before.
+    let mut too_many = keys;
+    too_many.push(Bytes::from(vec![0u8; 32]));
+    let result = clients
+        .blobs
+        .batch_stat_blobs(BatchStatBlobsRequest { keys: too_many })
+        .await;
+    assert_code(result, Code::InvalidArgument, "10,001 keys");
+    server.stop().await;
+}
+
 /// Opens an upload stream that stays open, sends `first`, and waits for the first ack
 /// (sent right after `start`, with nothing received yet).
 async fn open_upload(

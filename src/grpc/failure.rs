@@ -21,6 +21,13 @@
 //! Messages are the engine's `Display` text, which says what happened and what to do.
 //! Server faults are also logged here, with the same text, at `error` level.
 
+use std::task::{Context, Poll};
+
+use futures::future::{FutureExt, Map};
+use tonic::body::Body;
+use tonic::codegen::http;
+use tonic::codegen::Service;
+use tonic::server::NamedService;
 use tonic::{Code, Status};
 
 use crate::engine;
@@ -40,10 +47,11 @@ pub(crate) enum Failure {
     ShuttingDown,
     /// The server sheds load: `limit` calls of this kind are already in progress.
     Busy { what: &'static str, limit: usize },
-    /// A client message was over the server's size limit; the text is the transport's.
-    /// gRPC's other implementations answer `RESOURCE_EXHAUSTED` for this (tonic's
-    /// decoder says `OUT_OF_RANGE`, which the contract does not know).
-    MessageTooLarge(String),
+    /// A client message was over the server's size limit; the text is the transport's,
+    /// `what` names what to send smaller ("chunks", "requests"). gRPC's other
+    /// implementations answer `RESOURCE_EXHAUSTED` for this (tonic's decoder says
+    /// `OUT_OF_RANGE`, which the contract does not know).
+    MessageTooLarge { text: String, what: &'static str },
     /// The client took nothing from a read stream for `seconds`, so the server ended it
     /// to free the read buffers it held, which every read of a shard shares.
     ReadStalled { seconds: u64 },
@@ -91,9 +99,9 @@ pub(crate) fn status(failure: Failure) -> Status {
             Code::Unavailable,
             format!("{limit} {what} are in progress, the most this server takes at once; retry after a delay"),
         ),
-        Failure::MessageTooLarge(text) => (
+        Failure::MessageTooLarge { text, what } => (
             Code::ResourceExhausted,
-            format!("{text}; send smaller chunks"),
+            format!("{text}; send smaller {what}"),
         ),
         Failure::ReadStalled { seconds } => (
             Code::ResourceExhausted,
@@ -121,6 +129,56 @@ fn engine_code(error: &engine::Error) -> Code {
         Error::NoSpace { .. } => Code::ResourceExhausted,
         Error::ShuttingDown | Error::Poisoned { .. } => Code::Unavailable,
         Error::Io { .. } | Error::Corrupt { .. } | Error::Config(_) => Code::Internal,
+    }
+}
+
+/// A service whose oversized unary requests are answered as the contract says.
+///
+/// tonic decodes a unary request before the handler runs, and answers one over the size
+/// limit itself, with `OUT_OF_RANGE`: the handler never sees it, so [`status`] cannot
+/// map it. This wrapper rewrites such an answer (a trailers-only response, its status in
+/// the headers) into [`Failure::MessageTooLarge`]. The services it wraps never answer
+/// `OUT_OF_RANGE` themselves: [`status`] maps nothing to it but a transport status
+/// passed through, and a passed-through transport status of a stream comes in trailers.
+#[derive(Clone)]
+pub(crate) struct TooLargeIsExhausted<S>(pub(crate) S);
+
+impl<S: NamedService> NamedService for TooLargeIsExhausted<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S, Request> Service<Request> for TooLargeIsExhausted<S>
+where
+    S: Service<Request, Response = http::Response<Body>>,
+{
+    type Response = http::Response<Body>;
+    type Error = S::Error;
+    type Future = Map<
+        S::Future,
+        fn(Result<http::Response<Body>, S::Error>) -> Result<http::Response<Body>, S::Error>,
+    >;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        self.0
+            .call(request)
+            .map(|answer| answer.map(relabel_too_large))
+    }
+}
+
+fn relabel_too_large(response: http::Response<Body>) -> http::Response<Body> {
+    match Status::from_header_map(response.headers()) {
+        Some(transport) if transport.code() == Code::OutOfRange => {
+            status(Failure::MessageTooLarge {
+                text: transport.message().to_string(),
+                what: "requests",
+            })
+            .into_http()
+        }
+        _ => response,
     }
 }
 

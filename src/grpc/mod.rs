@@ -17,7 +17,8 @@
 //! - so is the number of everything that holds memory for a client: connections
 //!   (`connections_max`; more wait in the listen backlog), streams per connection (512),
 //!   uploads (`uploads_max`) and open `GetBlob`/`ListBlobs` responses (`reads_max`),
-//!   the last two refused with `UNAVAILABLE` beyond their limit;
+//!   the last two refused with `UNAVAILABLE` beyond their limit; and a `BlobService`
+//!   request, which tonic buffers whole, is at most 1 MiB (`RESOURCE_EXHAUSTED` beyond);
 //! - on shutdown, calls in flight get a bounded drain period, then the engine is shut
 //!   down (everything acknowledged is durable) before [`serve`] returns.
 //!

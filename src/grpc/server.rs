@@ -32,6 +32,7 @@ use super::auth::BearerAuth;
 use super::blob::BlobApi;
 use super::connections;
 use super::drain::{self, Drain};
+use super::failure::TooLargeIsExhausted;
 use super::health::{self, HealthApi};
 use super::upload::UploadApi;
 use crate::engine::{self, Engine};
@@ -41,6 +42,10 @@ use crate::proto::upload_service_server::UploadServiceServer;
 
 /// Room for a message's framing and fields around its data.
 const MESSAGE_OVERHEAD_BYTES: usize = 64 * 1024;
+/// The largest `BlobService` request: its largest legitimate one, a `BatchStatBlobs` of
+/// 10,000 keys, is about 340 KB. tonic buffers a unary request whole before the handler
+/// runs, so this, not the upload chunk limit, is what each such call can make it hold.
+const BLOB_REQUEST_BYTES_MAX: usize = 1024 * 1024;
 /// How long stopped requests get to send their status before the engine shuts down.
 const ABORT_GRACE: Duration = Duration::from_secs(5);
 /// How long a keepalive ping may go unanswered before the connection is closed.
@@ -232,7 +237,7 @@ fn routes(
     .accept_compressed(CompressionEncoding::Zstd)
     .send_compressed(CompressionEncoding::Gzip)
     .send_compressed(CompressionEncoding::Zstd)
-    .max_decoding_message_size(message_bytes_max);
+    .max_decoding_message_size(BLOB_REQUEST_BYTES_MAX);
     let upload =
         UploadServiceServer::new(UploadApi::new(engine, drain.clone(), options.uploads_max))
             .accept_compressed(CompressionEncoding::Gzip)
@@ -246,7 +251,10 @@ fn routes(
         .add_service(HealthServer::new(HealthApi::new(reporter, drain)))
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(InterceptedService::new(blob, auth.clone()))
+        .add_service(InterceptedService::new(
+            TooLargeIsExhausted(blob),
+            auth.clone(),
+        ))
         .add_service(InterceptedService::new(upload, auth));
     Ok(routes.routes())
 }

@@ -192,7 +192,10 @@ async fn next(inbound: &mut Streaming<UploadMessage>) -> Result<Option<UploadMes
         .await
         .map_err(|status| match status.code() {
             // tonic's decoder reports a message over the size limit as OUT_OF_RANGE.
-            Code::OutOfRange => Failure::MessageTooLarge(status.message().to_string()),
+            Code::OutOfRange => Failure::MessageTooLarge {
+                text: status.message().to_string(),
+                what: "chunks",
+            },
             _ => Failure::Transport(status),
         })
 }
