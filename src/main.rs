@@ -118,6 +118,10 @@ struct ServeArgs {
     /// connections can make the server hold).
     #[arg(long, default_value_t = 1024)]
     connections_max: usize,
+    /// Calls whose request is being read or handled at once; more wait (bounds what
+    /// requests can make the server hold).
+    #[arg(long, default_value_t = 256)]
+    calls_max: usize,
 }
 
 #[derive(clap::Args)]
@@ -167,6 +171,7 @@ fn serve(args: ServeArgs) -> Result<(), ClientError> {
         read_stall_timeout: Duration::from_secs(args.read_stall_secs.max(1)),
         reads_max: args.reads_max.max(1),
         connections_max: args.connections_max.max(1),
+        calls_max: args.calls_max.max(1),
         ..ServeOptions::default()
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -1147,6 +1147,56 @@ async fn connections_beyond_the_limit_wait_for_one_to_close() {
     server.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_beyond_the_limit_wait_while_a_request_is_half_sent() {
+    let options = ServeOptions {
+        calls_max: 1,
+        ..ServeOptions::default()
+    };
+    let server = TestServer::start("calls-limit", options).await;
+    let absent = [9u8; 32];
+    // A raw HTTP/2 client sends a StatBlob whose message is cut short: tonic is reading
+    // its request, and the call holds the only permit.
+    let socket = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let (h2_client, connection) = h2::client::handshake(socket).await.unwrap();
+    tokio::spawn(connection);
+    let mut h2_client = h2_client.ready().await.unwrap();
+    let request = tonic::codegen::http::Request::builder()
+        .method("POST")
+        .uri(format!(
+            "http://{}/graviton.proto.BlobService/StatBlob",
+            server.addr
+        ))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let (answer, mut body) = h2_client.send_request(request, false).unwrap();
+    // gRPC framing: no compression, a 34-byte message (field 1, 32 bytes: the key).
+    let mut message = vec![0u8, 0, 0, 0, 34, 0x0a, 32];
+    message.extend_from_slice(&absent);
+    body.send_data(Bytes::copy_from_slice(&message[..12]), false)
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // Another call waits for it...
+    let mut clients = server.clients().await;
+    let waiting = tokio::spawn(async move { stat(&mut clients.blobs, &absent).await });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        !waiting.is_finished(),
+        "a second call ran beside one whose request was being read"
+    );
+    // ...until the first one's request is complete and answered.
+    body.send_data(Bytes::copy_from_slice(&message[12..]), true)
+        .unwrap();
+    let first = within(10, "the first call's answer", answer).await.unwrap();
+    assert_eq!(first.status(), 200);
+    let second = within(10, "the second call", waiting).await.unwrap();
+    assert_code(second, Code::NotFound, "the second call");
+    server.stop().await;
+}
+
 /// tonic's default is no limit on streams per connection (it overrides hyper's 200); the
 /// server must announce one in its HTTP/2 SETTINGS, or one connection could make it hold
 /// any number of calls. A header block is bounded by hyper's default (16 KiB when this

@@ -30,6 +30,7 @@ use tonic_health::server::HealthReporter;
 
 use super::auth::BearerAuth;
 use super::blob::BlobApi;
+use super::calls::CallPermits;
 use super::connections;
 use super::drain::{self, Drain};
 use super::failure::TooLargeIsExhausted;
@@ -46,6 +47,8 @@ const MESSAGE_OVERHEAD_BYTES: usize = 64 * 1024;
 /// 10,000 keys, is about 340 KB. tonic buffers a unary request whole before the handler
 /// runs, so this, not the upload chunk limit, is what each such call can make it hold.
 const BLOB_REQUEST_BYTES_MAX: usize = 1024 * 1024;
+/// The largest health or reflection request: a service or symbol name.
+const SMALL_REQUEST_BYTES_MAX: usize = 64 * 1024;
 /// How long stopped requests get to send their status before the engine shuts down.
 const ABORT_GRACE: Duration = Duration::from_secs(5);
 /// How long a keepalive ping may go unanswered before the connection is closed.
@@ -89,6 +92,12 @@ pub struct ServeOptions {
     /// of unconsumed data and its streams' state, so this bounds that memory whatever
     /// clients do; a warning is logged when the limit is reached.
     pub connections_max: usize,
+    /// Calls whose request is being read or handled at once; more wait (default 256).
+    /// tonic reads a unary request whole before its handler runs, so this bounds what
+    /// requests can make the server hold: `calls_max × 1 MiB` at most (the largest
+    /// `BlobService` request; health and reflection take 64 KiB, and upload chunks are
+    /// read by the upload, under `uploads_max`).
+    pub calls_max: usize,
 }
 
 impl Default for ServeOptions {
@@ -102,6 +111,7 @@ impl Default for ServeOptions {
             read_stall_timeout: Duration::from_secs(60),
             reads_max: 128,
             connections_max: 1024,
+            calls_max: 256,
         }
     }
 }
@@ -220,10 +230,14 @@ fn routes(
             .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
-    let reflection_v1 = reflection().build_v1().map_err(ServeError::Reflection)?;
+    let reflection_v1 = reflection()
+        .build_v1()
+        .map_err(ServeError::Reflection)?
+        .max_decoding_message_size(SMALL_REQUEST_BYTES_MAX);
     let reflection_v1alpha = reflection()
         .build_v1alpha()
-        .map_err(ServeError::Reflection)?;
+        .map_err(ServeError::Reflection)?
+        .max_decoding_message_size(SMALL_REQUEST_BYTES_MAX);
 
     let message_bytes_max = options.chunk_bytes_max + MESSAGE_OVERHEAD_BYTES;
     let auth = BearerAuth::new(options.auth_token.as_deref());
@@ -246,15 +260,19 @@ fn routes(
             .send_compressed(CompressionEncoding::Zstd)
             .max_decoding_message_size(message_bytes_max);
 
+    let health = HealthServer::new(HealthApi::new(reporter, drain))
+        .max_decoding_message_size(SMALL_REQUEST_BYTES_MAX);
+
+    let calls = CallPermits::new(options.calls_max);
     let mut routes = RoutesBuilder::default();
     routes
-        .add_service(HealthServer::new(HealthApi::new(reporter, drain)))
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(InterceptedService::new(
+        .add_service(calls.limit(health))
+        .add_service(calls.limit(reflection_v1))
+        .add_service(calls.limit(reflection_v1alpha))
+        .add_service(calls.limit(InterceptedService::new(
             TooLargeIsExhausted(blob),
             auth.clone(),
-        ))
-        .add_service(InterceptedService::new(upload, auth));
+        )))
+        .add_service(calls.limit(InterceptedService::new(upload, auth)));
     Ok(routes.routes())
 }
