@@ -1366,6 +1366,45 @@ async fn a_stalled_upload_is_aborted_at_its_deadline() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_whose_client_sends_nothing_is_aborted() {
+    let options = ServeOptions {
+        uploads_max: 1,
+        upload_stall_timeout: Duration::from_secs(1),
+        ..ServeOptions::default()
+    };
+    let server = TestServer::start("upload-stall", options).await;
+    let mut clients = server.clients().await;
+    let mut rng = rng("an_upload_whose_client_sends_nothing_is_aborted");
+    let data = random_bytes(&mut rng, 100_000);
+    // A client, with no deadline, sends a start and a chunk, then nothing, and keeps
+    // its stream open: it holds the only upload slot until the server ends it.
+    let (sender, mut acks) =
+        open_upload(&mut clients, vec![start(0), chunk(0, data.slice(..50_000))]).await;
+    let began = Instant::now();
+    let status = within(10, "the stalled upload's end", upload_status(&mut acks)).await;
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("sent nothing"), "{status:?}");
+    assert!(began.elapsed() >= Duration::from_millis(900), "ended early");
+    // Nothing was stored, and the slot is free again (once the task has returned it).
+    assert!(listed_keys(&mut clients.blobs).await.is_empty());
+    let stored = within(10, "an upload once the slot is free", async {
+        loop {
+            let messages = vec![start(0), chunk(0, data.clone()), complete(&[])];
+            match send_upload(&mut clients.uploads, messages).await {
+                Err(status) if status.code() == Code::Unavailable => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                other => break other,
+            }
+        }
+    })
+    .await;
+    check_acks(&stored.expect("an upload after the stalled one"), &data);
+    drop(sender);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_configured_token_is_required() {
     let options = ServeOptions {
         auth_token: Some("s3cret-token".to_string()),

@@ -9,7 +9,7 @@
 //! |----------------------------------------------------|----------------------|
 //! | `NotFound`                                         | `NOT_FOUND`          |
 //! | `InvalidArgument`, `HashMismatch`, `SizeMismatch`, front-end `InvalidArgument` | `INVALID_ARGUMENT` |
-//! | `NoSpace`, a message over the size limit, a read the client stopped taking | `RESOURCE_EXHAUSTED` |
+//! | `NoSpace`, a message over the size limit, a read the client stopped taking, an upload it stopped sending | `RESOURCE_EXHAUSTED` |
 //! | `ShuttingDown`, `Poisoned`, front-end `ShuttingDown` | `UNAVAILABLE`      |
 //! | `Io`, `Corrupt`, `Config`, front-end `Internal`    | `INTERNAL`           |
 //! | deadline passed                                    | `DEADLINE_EXCEEDED`  |
@@ -55,6 +55,9 @@ pub(crate) enum Failure {
     /// The client took nothing from a read stream for `seconds`, so the server ended it
     /// to free the read buffers it held, which every read of a shard shares.
     ReadStalled { seconds: u64 },
+    /// The client sent nothing on an upload for `seconds` while the server waited for
+    /// it, so the server aborted the upload to free its slot and buffers.
+    UploadStalled { seconds: u64 },
     /// A fault of the server itself, found by the front-end (e.g. the engine ended a
     /// read short of its range); the text says what.
     Internal(String),
@@ -108,6 +111,13 @@ pub(crate) fn status(failure: Failure) -> Status {
             format!(
                 "the client took nothing from this read for {seconds} s, so the server ended it to free \
                  its read buffers; read the stream as it comes, or ask for the rest with a range"
+            ),
+        ),
+        Failure::UploadStalled { seconds } => (
+            Code::ResourceExhausted,
+            format!(
+                "the client sent nothing on this upload for {seconds} s, so the server aborted it to \
+                 free its slot; nothing was stored; send the next message sooner, or upload again"
             ),
         ),
         Failure::Internal(text) => (Code::Internal, text),

@@ -98,6 +98,11 @@ pub struct ServeOptions {
     /// `BlobService` request; health and reflection take 64 KiB, and upload chunks are
     /// read by the upload, under `uploads_max`).
     pub calls_max: usize,
+    /// An upload whose client sends nothing for this long while the server waits for
+    /// its next message is aborted with `RESOURCE_EXHAUSTED` (default 60 s), so that a
+    /// client that stops sending does not hold an upload slot for as long as its
+    /// connection lives.
+    pub upload_stall_timeout: Duration,
 }
 
 impl Default for ServeOptions {
@@ -112,6 +117,7 @@ impl Default for ServeOptions {
             reads_max: 128,
             connections_max: 1024,
             calls_max: 256,
+            upload_stall_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -252,13 +258,17 @@ fn routes(
     .send_compressed(CompressionEncoding::Gzip)
     .send_compressed(CompressionEncoding::Zstd)
     .max_decoding_message_size(BLOB_REQUEST_BYTES_MAX);
-    let upload =
-        UploadServiceServer::new(UploadApi::new(engine, drain.clone(), options.uploads_max))
-            .accept_compressed(CompressionEncoding::Gzip)
-            .accept_compressed(CompressionEncoding::Zstd)
-            .send_compressed(CompressionEncoding::Gzip)
-            .send_compressed(CompressionEncoding::Zstd)
-            .max_decoding_message_size(message_bytes_max);
+    let upload = UploadServiceServer::new(UploadApi::new(
+        engine,
+        drain.clone(),
+        options.uploads_max,
+        options.upload_stall_timeout,
+    ))
+    .accept_compressed(CompressionEncoding::Gzip)
+    .accept_compressed(CompressionEncoding::Zstd)
+    .send_compressed(CompressionEncoding::Gzip)
+    .send_compressed(CompressionEncoding::Zstd)
+    .max_decoding_message_size(message_bytes_max);
 
     let health = HealthServer::new(HealthApi::new(reporter, drain))
         .max_decoding_message_size(SMALL_REQUEST_BYTES_MAX);

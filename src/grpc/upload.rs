@@ -27,12 +27,16 @@
 //! can end without `complete` succeeding drops that future and with it the `Upload`,
 //! which aborts it (nothing visible, space reclaimed): a broken rule or engine error
 //! (`?`), the client cancelling or disconnecting (the ack queue closes), the client's
-//! deadline passing, the server's drain period running out, a panic. If the deadline
+//! deadline passing, the client sending nothing for `upload_stall_timeout` while the
+//! task waits for it (`RESOURCE_EXHAUSTED`: without it, a live client that stops
+//! sending would hold its upload slot and engine buffers for as long as its connection
+//! lives), the server's drain period running out, a panic. If the deadline
 //! passes while the commit is already in flight, the blob may still be stored; keys are
 //! content digests, so a retry returns the same key.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 
@@ -64,10 +68,17 @@ pub(crate) struct UploadApi {
     /// Permits for uploads in progress (load shedding beyond them).
     uploads: Arc<Semaphore>,
     uploads_max: usize,
+    /// How long an upload may wait for its client's next message.
+    stall_timeout: Duration,
 }
 
 impl UploadApi {
-    pub(crate) fn new(engine: Engine, drain: Drain, uploads_max: usize) -> UploadApi {
+    pub(crate) fn new(
+        engine: Engine,
+        drain: Drain,
+        uploads_max: usize,
+        stall_timeout: Duration,
+    ) -> UploadApi {
         use std::hash::{BuildHasher, RandomState};
         UploadApi {
             engine,
@@ -75,6 +86,7 @@ impl UploadApi {
             instance: RandomState::new().hash_one(std::process::id()),
             uploads: Arc::new(Semaphore::new(uploads_max)),
             uploads_max,
+            stall_timeout,
         }
     }
 }
@@ -100,6 +112,7 @@ impl UploadService for UploadApi {
             engine: self.engine.clone(),
             instance: self.instance,
             acks,
+            stall_timeout: self.stall_timeout,
         };
         let drain = self.drain.clone();
         tokio::spawn(async move {
@@ -114,6 +127,7 @@ struct UploadTask {
     engine: Engine,
     instance: u64,
     acks: mpsc::Sender<Result<UploadAck, Status>>,
+    stall_timeout: Duration,
 }
 
 impl UploadTask {
@@ -143,7 +157,7 @@ impl UploadTask {
             mut sequence,
             declared_bytes,
             attributes,
-        } = Sequence::start(next(&mut inbound).await?)?;
+        } = Sequence::start(self.next(&mut inbound).await?)?;
         let mut upload = self.engine.upload(declared_bytes, attributes).await?;
         let upload_id = format!("{:016x}-{}", self.instance, upload.id());
         // A closed queue is seen by `run`'s `closed()` branch at the next await.
@@ -168,7 +182,7 @@ impl UploadTask {
     ) -> Result<Option<BlobKey>, Failure> {
         let mut acked_bytes = 0;
         loop {
-            match sequence.next(next(inbound).await?)? {
+            match sequence.next(self.next(inbound).await?)? {
                 Step::Complete { expected } => return Ok(expected),
                 Step::Chunk(data) => {
                     let accepted_bytes = upload.write(data).await?;
@@ -184,13 +198,18 @@ impl UploadTask {
             }
         }
     }
-}
 
-async fn next(inbound: &mut Streaming<UploadMessage>) -> Result<Option<UploadMessage>, Failure> {
-    inbound
-        .message()
-        .await
-        .map_err(|status| match status.code() {
+    /// The client's next message, if it sends one within the stall timeout.
+    async fn next(
+        &self,
+        inbound: &mut Streaming<UploadMessage>,
+    ) -> Result<Option<UploadMessage>, Failure> {
+        let Ok(received) = tokio::time::timeout(self.stall_timeout, inbound.message()).await else {
+            return Err(Failure::UploadStalled {
+                seconds: self.stall_timeout.as_secs(),
+            });
+        };
+        received.map_err(|status| match status.code() {
             // tonic's decoder reports a message over the size limit as OUT_OF_RANGE.
             Code::OutOfRange => Failure::MessageTooLarge {
                 text: status.message().to_string(),
@@ -198,6 +217,7 @@ async fn next(inbound: &mut Streaming<UploadMessage>) -> Result<Option<UploadMes
             },
             _ => Failure::Transport(status),
         })
+    }
 }
 
 fn ack(upload_id: &str, received_bytes: u64, complete: Option<UploadComplete>) -> UploadAck {
