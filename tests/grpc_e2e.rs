@@ -353,6 +353,31 @@ async fn within<T>(seconds: u64, what: &str, work: impl std::future::Future<Outp
         .unwrap_or_else(|_| panic!("{what}: not done within {seconds} s"))
 }
 
+/// `attempt`'s result once it is not `UNAVAILABLE` (a slot is freed a moment after the
+/// stream that held it ends), within 10 s.
+async fn once_a_slot_is_free<T, Fut>(what: &str, attempt: impl Fn() -> Fut) -> Result<T, Status>
+where
+    Fut: std::future::Future<Output = Result<T, Status>>,
+{
+    within(10, &format!("{what} once a slot is free"), async {
+        loop {
+            match attempt().await {
+                Err(status) if status.code() == Code::Unavailable => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                other => break other,
+            }
+        }
+    })
+    .await
+}
+
+/// Fails with `failure` if `task` finishes within 1.5 s: it should be waiting.
+async fn still_waiting<T>(task: &JoinHandle<T>, failure: &str) {
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!task.is_finished(), "{failure}");
+}
+
 /// The status that ends an upload's ack stream; acks before it must not complete.
 async fn upload_status(acks: &mut tonic::Streaming<UploadAck>) -> Status {
     loop {
@@ -1082,15 +1107,10 @@ async fn response_streams_beyond_the_limit_are_shed_with_unavailable() {
 
     // A client that goes away frees its slot; finished reads free theirs.
     drop(open.pop());
-    let read = within(10, "a read once a slot is free", async {
-        loop {
-            match get(&mut clients.blobs, small_key.as_bytes(), None).await {
-                Err(status) if status.code() == Code::Unavailable => {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                other => break other,
-            }
-        }
+    let blobs = clients.blobs.clone();
+    let read = once_a_slot_is_free("a read", || {
+        let mut blobs = blobs.clone();
+        async move { get(&mut blobs, small_key.as_bytes(), None).await }
     })
     .await;
     assert!(
@@ -1133,11 +1153,7 @@ async fn connections_beyond_the_limit_wait_for_one_to_close() {
         let mut blobs = BlobServiceClient::new(channel);
         Ok::<_, tonic::transport::Error>(stat(&mut blobs, &absent).await)
     });
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert!(
-        !third.is_finished(),
-        "a third connection was served beside two"
-    );
+    still_waiting(&third, "a third connection was served beside two").await;
     // ...and is served once one of them closes.
     drop(first);
     let result = within(10, "the third connection's call", third).await;
@@ -1182,11 +1198,11 @@ async fn calls_beyond_the_limit_wait_while_a_request_is_half_sent() {
     // Another call waits for it...
     let mut clients = server.clients().await;
     let waiting = tokio::spawn(async move { stat(&mut clients.blobs, &absent).await });
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert!(
-        !waiting.is_finished(),
-        "a second call ran beside one whose request was being read"
-    );
+    still_waiting(
+        &waiting,
+        "a second call ran beside one whose request was being read",
+    )
+    .await;
     // ...until the first one's request is complete and answered.
     body.send_data(Bytes::copy_from_slice(&message[12..]), true)
         .unwrap();
@@ -1387,15 +1403,12 @@ async fn an_upload_whose_client_sends_nothing_is_aborted() {
     assert!(began.elapsed() >= Duration::from_millis(900), "ended early");
     // Nothing was stored, and the slot is free again (once the task has returned it).
     assert!(listed_keys(&mut clients.blobs).await.is_empty());
-    let stored = within(10, "an upload once the slot is free", async {
-        loop {
-            let messages = vec![start(0), chunk(0, data.clone()), complete(&[])];
-            match send_upload(&mut clients.uploads, messages).await {
-                Err(status) if status.code() == Code::Unavailable => {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                other => break other,
-            }
+    let uploads = clients.uploads.clone();
+    let stored = once_a_slot_is_free("an upload", || {
+        let (mut uploads, data) = (uploads.clone(), data.clone());
+        async move {
+            let messages = vec![start(0), chunk(0, data), complete(&[])];
+            send_upload(&mut uploads, messages).await
         }
     })
     .await;

@@ -42,13 +42,14 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::OwnedSemaphorePermit;
 use tonic::{Request, Response, Status};
 
 use super::convert;
 use super::deadline::Deadline;
 use super::drain::Drain;
 use super::failure::{status, Failure};
+use super::limits::Slots;
 use crate::engine::{format, BlobKey, BlobRead, Engine};
 use crate::proto::blob_service_server::BlobService;
 use crate::proto::{
@@ -73,9 +74,8 @@ pub(crate) struct BlobApi {
     engine: Engine,
     drain: Drain,
     stalls: StallWatch,
-    /// Permits for open response streams (`GetBlob`, `ListBlobs`); see the module docs.
-    reads: Arc<Semaphore>,
-    reads_max: usize,
+    /// Slots for open response streams (`GetBlob`, `ListBlobs`); see the module docs.
+    reads: Slots,
 }
 
 impl BlobApi {
@@ -90,24 +90,12 @@ impl BlobApi {
             engine,
             drain,
             stalls: StallWatch::start(read_stall_timeout),
-            reads: Arc::new(Semaphore::new(reads_max)),
-            reads_max,
+            reads: Slots::new("reads", reads_max),
         }
     }
 
-    /// A permit for one response stream, or `Busy` when `reads_max` are open.
-    fn read_permit(&self) -> Result<OwnedSemaphorePermit, Failure> {
-        self.reads
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| Failure::Busy {
-                what: "reads",
-                limit: self.reads_max,
-            })
-    }
-
     async fn get(&self, request: Request<GetBlobRequest>) -> Result<ChunkReader, Failure> {
-        let permit = self.read_permit()?;
+        let permit = self.reads.take()?;
         let deadline = Deadline::from_metadata(request.metadata());
         let request = request.into_inner();
         let key = convert::key(&request.key, "key")?;
@@ -222,7 +210,7 @@ impl BlobService for BlobApi {
         &self,
         request: Request<ListBlobsRequest>,
     ) -> Result<Response<Self::ListBlobsStream>, Status> {
-        let permit = self.read_permit().map_err(status)?;
+        let permit = self.reads.take().map_err(status)?;
         let metas = self.list(request).await.map_err(status)?;
         // The permit goes with the stream: a stalled listing holds its page.
         let stream = futures::stream::iter(metas).map(move |meta| {

@@ -67,6 +67,19 @@ pub(crate) enum Failure {
 }
 
 impl Failure {
+    /// A status from tonic's decoder, which reports a message over the size limit as
+    /// `OUT_OF_RANGE`: that becomes [`Failure::MessageTooLarge`] (`what` names what to
+    /// send smaller), anything else is passed on.
+    pub(crate) fn from_decoding(transport: Status, what: &'static str) -> Failure {
+        match transport.code() {
+            Code::OutOfRange => Failure::MessageTooLarge {
+                text: transport.message().to_string(),
+                what,
+            },
+            _ => Failure::Transport(transport),
+        }
+    }
+
     pub(crate) fn invalid(text: impl Into<String>) -> Failure {
         Failure::InvalidArgument(text.into())
     }
@@ -182,11 +195,7 @@ where
 fn relabel_too_large(response: http::Response<Body>) -> http::Response<Body> {
     match Status::from_header_map(response.headers()) {
         Some(transport) if transport.code() == Code::OutOfRange => {
-            status(Failure::MessageTooLarge {
-                text: transport.message().to_string(),
-                what: "requests",
-            })
-            .into_http()
+            status(Failure::from_decoding(transport, "requests")).into_http()
         }
         _ => response,
     }

@@ -28,13 +28,13 @@
 
 mod auth;
 mod blob;
-mod calls;
 mod connections;
 mod convert;
 mod deadline;
 mod drain;
 mod failure;
 mod health;
+mod limits;
 mod server;
 mod upload;
 

@@ -30,11 +30,11 @@ use tonic_health::server::HealthReporter;
 
 use super::auth::BearerAuth;
 use super::blob::BlobApi;
-use super::calls::CallPermits;
 use super::connections;
 use super::drain::{self, Drain};
 use super::failure::TooLargeIsExhausted;
 use super::health::{self, HealthApi};
+use super::limits::CallPermits;
 use super::upload::UploadApi;
 use crate::engine::{self, Engine};
 use crate::proto;

@@ -35,19 +35,19 @@
 //! content digests, so a retry returns the same key.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Code, Request, Response, Status, Streaming};
+use tonic::{Request, Response, Status, Streaming};
 
 use super::convert;
 use super::deadline::Deadline;
 use super::drain::Drain;
 use super::failure::{status, Failure};
+use super::limits::Slots;
 use crate::engine::{BlobKey, BlobMeta, Engine, Upload};
 use crate::proto::upload_message::Message;
 use crate::proto::upload_service_server::UploadService;
@@ -65,9 +65,8 @@ pub(crate) struct UploadApi {
     drain: Drain,
     /// Random per server process, so `upload_id`s of two servers do not repeat.
     instance: u64,
-    /// Permits for uploads in progress (load shedding beyond them).
-    uploads: Arc<Semaphore>,
-    uploads_max: usize,
+    /// Slots for uploads in progress (load shedding beyond them).
+    uploads: Slots,
     /// How long an upload may wait for its client's next message.
     stall_timeout: Duration,
 }
@@ -84,8 +83,7 @@ impl UploadApi {
             engine,
             drain,
             instance: RandomState::new().hash_one(std::process::id()),
-            uploads: Arc::new(Semaphore::new(uploads_max)),
-            uploads_max,
+            uploads: Slots::new("uploads", uploads_max),
             stall_timeout,
         }
     }
@@ -99,12 +97,7 @@ impl UploadService for UploadApi {
         &self,
         request: Request<Streaming<UploadMessage>>,
     ) -> Result<Response<Self::UploadStream>, Status> {
-        let permit = self.uploads.clone().try_acquire_owned().map_err(|_| {
-            status(Failure::Busy {
-                what: "uploads",
-                limit: self.uploads_max,
-            })
-        })?;
+        let permit = self.uploads.take().map_err(status)?;
         let deadline = Deadline::from_metadata(request.metadata());
         let inbound = request.into_inner();
         let (acks, queue) = mpsc::channel(ACK_QUEUE_DEPTH);
@@ -209,14 +202,7 @@ impl UploadTask {
                 seconds: self.stall_timeout.as_secs(),
             });
         };
-        received.map_err(|status| match status.code() {
-            // tonic's decoder reports a message over the size limit as OUT_OF_RANGE.
-            Code::OutOfRange => Failure::MessageTooLarge {
-                text: status.message().to_string(),
-                what: "chunks",
-            },
-            _ => Failure::Transport(status),
-        })
+        received.map_err(|transport| Failure::from_decoding(transport, "chunks"))
     }
 }
 
