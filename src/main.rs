@@ -122,6 +122,10 @@ struct ServeArgs {
     /// requests can make the server hold).
     #[arg(long, default_value_t = 256)]
     calls_max: usize,
+    /// Of those, how many one client connection may have at once; its further calls
+    /// wait (so one connection cannot take them all).
+    #[arg(long, default_value_t = 32)]
+    calls_per_connection_max: usize,
     /// Seconds an upload may go without its client sending anything (while the server
     /// waits for it) before it is aborted with RESOURCE_EXHAUSTED (frees its slot).
     #[arg(long, default_value_t = 60)]
@@ -176,6 +180,7 @@ fn serve(args: ServeArgs) -> Result<(), ClientError> {
         reads_max: args.reads_max.max(1),
         connections_max: args.connections_max.max(1),
         calls_max: args.calls_max.max(1),
+        calls_per_connection_max: args.calls_per_connection_max.max(1),
         upload_stall_timeout: Duration::from_secs(args.upload_stall_secs.max(1)),
         ..ServeOptions::default()
     };

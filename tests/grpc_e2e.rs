@@ -1173,26 +1173,8 @@ async fn calls_beyond_the_limit_wait_while_a_request_is_half_sent() {
     let absent = [9u8; 32];
     // A raw HTTP/2 client sends a StatBlob whose message is cut short: tonic is reading
     // its request, and the call holds the only permit.
-    let socket = tokio::net::TcpStream::connect(server.addr).await.unwrap();
-    let (h2_client, connection) = h2::client::handshake(socket).await.unwrap();
-    tokio::spawn(connection);
-    let mut h2_client = h2_client.ready().await.unwrap();
-    let request = tonic::codegen::http::Request::builder()
-        .method("POST")
-        .uri(format!(
-            "http://{}/graviton.proto.BlobService/StatBlob",
-            server.addr
-        ))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(())
-        .unwrap();
-    let (answer, mut body) = h2_client.send_request(request, false).unwrap();
-    // gRPC framing: no compression, a 34-byte message (field 1, 32 bytes: the key).
-    let mut message = vec![0u8, 0, 0, 0, 34, 0x0a, 32];
-    message.extend_from_slice(&absent);
-    body.send_data(Bytes::copy_from_slice(&message[..12]), false)
-        .unwrap();
+    let mut raw = RawConnection::open(server.addr).await;
+    let first = raw.half_sent_stat(&absent).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     // Another call waits for it...
@@ -1204,13 +1186,113 @@ async fn calls_beyond_the_limit_wait_while_a_request_is_half_sent() {
     )
     .await;
     // ...until the first one's request is complete and answered.
-    body.send_data(Bytes::copy_from_slice(&message[12..]), true)
-        .unwrap();
-    let first = within(10, "the first call's answer", answer).await.unwrap();
-    assert_eq!(first.status(), 200);
+    expect_ok(first.finish()).await;
     let second = within(10, "the second call", waiting).await.unwrap();
     assert_code(second, Code::NotFound, "the second call");
     server.stop().await;
+}
+
+/// One connection cannot take every call permit: its calls beyond
+/// `calls_per_connection_max` wait for its own, leaving the shared permits to others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_connection_cannot_take_every_call_permit() {
+    let options = ServeOptions {
+        calls_max: 2,
+        calls_per_connection_max: 1,
+        ..ServeOptions::default()
+    };
+    let server = TestServer::start("calls-per-connection", options).await;
+    let absent = [7u8; 32];
+    // One connection starts two calls and sends neither request whole: the first holds
+    // its connection's permit and one shared permit; the second waits for the first.
+    let mut raw = RawConnection::open(server.addr).await;
+    let first = raw.half_sent_stat(&absent).await;
+    let second = raw.half_sent_stat(&absent).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // Another client's calls still run (without the per-connection limit the two
+    // half-sent calls would hold both shared permits, and this would wait).
+    let mut clients = server.clients().await;
+    for _ in 0..3 {
+        let answer = within(
+            5,
+            "another connection's call",
+            stat(&mut clients.blobs, &absent),
+        )
+        .await;
+        assert_code(answer, Code::NotFound, "another connection's call");
+    }
+    // The half-sent calls are answered once their requests are complete. (Which of the
+    // two holds the connection's permit is up to the order their tasks first ran in, so
+    // both are completed before either answer is awaited.)
+    let (first, second) = (first.finish(), second.finish());
+    expect_ok(first).await;
+    expect_ok(second).await;
+    server.stop().await;
+}
+
+/// A raw HTTP/2 connection, for requests that tonic's client would always send whole.
+struct RawConnection {
+    client: h2::client::SendRequest<Bytes>,
+    addr: std::net::SocketAddr,
+}
+
+/// A `StatBlob` call whose request message was sent only in part.
+struct HalfSentCall {
+    answer: h2::client::ResponseFuture,
+    body: h2::SendStream<Bytes>,
+    rest: Bytes,
+}
+
+impl RawConnection {
+    async fn open(addr: std::net::SocketAddr) -> RawConnection {
+        let socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (client, connection) = h2::client::handshake(socket).await.unwrap();
+        tokio::spawn(connection);
+        RawConnection { client, addr }
+    }
+
+    /// Starts a `StatBlob` of `key` and sends 12 of its request's 39 bytes.
+    async fn half_sent_stat(&mut self, key: &[u8; 32]) -> HalfSentCall {
+        let request = tonic::codegen::http::Request::builder()
+            .method("POST")
+            .uri(format!(
+                "http://{}/graviton.proto.BlobService/StatBlob",
+                self.addr
+            ))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .unwrap();
+        let mut client = self.client.clone().ready().await.unwrap();
+        let (answer, mut body) = client.send_request(request, false).unwrap();
+        // gRPC framing: no compression, a 34-byte message (field 1, 32 bytes: the key).
+        let mut message = vec![0u8, 0, 0, 0, 34, 0x0a, 32];
+        message.extend_from_slice(key);
+        let message = Bytes::from(message);
+        body.send_data(message.slice(..12), false).unwrap();
+        HalfSentCall {
+            answer,
+            body,
+            rest: message.slice(12..),
+        }
+    }
+}
+
+impl HalfSentCall {
+    /// Sends the rest of the request; the call's answer is to come.
+    fn finish(mut self) -> h2::client::ResponseFuture {
+        self.body.send_data(self.rest, true).unwrap();
+        self.answer
+    }
+}
+
+/// Checks that a call made with [`RawConnection`] is answered.
+async fn expect_ok(answer: h2::client::ResponseFuture) {
+    let answer = within(10, "a half-sent call's answer", answer)
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200, "a half-sent call's HTTP status");
 }
 
 /// tonic's default is no limit on streams per connection (it overrides hyper's 200); the

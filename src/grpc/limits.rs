@@ -15,6 +15,13 @@
 //! short (a stat, a delete, opening a read), so waiting is queueing, not refusal.
 //! Opening a read can wait for a shard's read buffers, so `reads_max` stays below this
 //! limit by default (128 against 256), leaving permits for other calls.
+//!
+//! **Per connection.** Beside the shared permits, tonic's per-connection concurrency
+//! limit (`calls_per_connection_max`, set in `server.rs`) makes a call wait for one of
+//! its connection's permits first, so one connection holds at most that many of the
+//! shared ones. That is fairness between connections, not between clients: a client
+//! that opens `calls_max / calls_per_connection_max` connections can still take them
+//! all (clients have no identity here to limit them by).
 
 use std::future::Future;
 use std::pin::Pin;

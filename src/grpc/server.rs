@@ -98,6 +98,13 @@ pub struct ServeOptions {
     /// `BlobService` request; health and reflection take 64 KiB, and upload chunks are
     /// read by the upload, under `uploads_max`).
     pub calls_max: usize,
+    /// Of those, how many one connection may have at once; its further calls wait for
+    /// one of its own to finish (default 32). Without it one client connection could
+    /// take every one of `calls_max` (by sending many requests halfway, say) and make
+    /// every other client's calls, health checks included, wait behind it; with it one
+    /// connection takes at most this many, and taking them all needs
+    /// `calls_max / calls_per_connection_max` connections at once.
+    pub calls_per_connection_max: usize,
     /// An upload whose client sends nothing for this long while the server waits for
     /// its next message is aborted with `RESOURCE_EXHAUSTED` (default 60 s), so that a
     /// client that stops sending does not hold an upload slot for as long as its
@@ -117,6 +124,7 @@ impl Default for ServeOptions {
             reads_max: 128,
             connections_max: 1024,
             calls_max: 256,
+            calls_per_connection_max: 32,
             upload_stall_timeout: Duration::from_secs(60),
         }
     }
@@ -196,6 +204,9 @@ async fn serve_until_drained(
         .http2_keepalive_interval(options.keepalive_interval)
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .max_concurrent_streams(STREAMS_PER_CONNECTION_MAX)
+        // Per connection, outside the routes: a call waits for its connection's permit
+        // before it takes one of the shared `calls_max` (see `limits.rs`).
+        .concurrency_limit_per_connection(options.calls_per_connection_max)
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, signal);
     tokio::pin!(server);
