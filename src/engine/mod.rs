@@ -17,7 +17,7 @@
 //! its commit record are durable; a blob is visible to reads, stats and listings only
 //! once it is; a crash at any instant loses no completed blob and exposes no partial one;
 //! a read returns the stored bytes or an error, never other bytes. The on-disk format is
-//! in [`format`]; what each part guarantees is in its module's documentation.
+//! in [`format`](mod@format); what each part guarantees is in its module's documentation.
 
 pub mod error;
 pub mod format;
@@ -529,7 +529,7 @@ impl Drop for LoadGuard {
 /// becomes visible and its space is reclaimed.
 ///
 /// Small blobs take a shorter path. Until more than `small_blob_bytes` have arrived, the
-/// upload only holds the chunks (shared `Bytes`, at most [`HELD_PIECES_MAX`] of them); at
+/// upload only holds the chunks (shared `Bytes`, at most `HELD_PIECES_MAX` of them); at
 /// complete it sends the whole blob to a shard in one message, and that shard hashes it
 /// and has the key's owner write data and commit record itself: no stream, no commit
 /// hop. An upload that outgrows the limit starts its stream then, with what it held.
