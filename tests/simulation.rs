@@ -18,7 +18,8 @@
 //!   is the content's digest) or an error, never other bytes;
 //! - after compaction, dead space (deleted and abandoned uploads) is gone.
 //!
-//! `GRAVITON_SIM_SEEDS=N` runs N seeds (default 60); `GRAVITON_SIM_SEED=S` runs one.
+//! `GRAVITON_SIM_SEEDS=N` runs N seeds (default 60), from `GRAVITON_SIM_FIRST_SEED`
+//! (default 0); `GRAVITON_SIM_SEED=S` runs one.
 //! A failure names its seed.
 
 use std::cell::RefCell;
@@ -548,13 +549,19 @@ fn run_seed(seed: u64) -> String {
                 Err(error) => panic!("seed {seed} life {life}: reopen failed: {error}"),
             };
             verify(&engine, &check_model.borrow(), seed, life).await;
-            if std::env::var("SIM_TRACE").is_ok() { eprintln!("life {life} verified, compacting"); }
+            if std::env::var("SIM_TRACE").is_ok() {
+                eprintln!("life {life} verified, compacting");
+            }
             engine.compact().await.expect("compaction");
-            if std::env::var("SIM_TRACE").is_ok() { eprintln!("life {life} compacted"); }
+            if std::env::var("SIM_TRACE").is_ok() {
+                eprintln!("life {life} compacted");
+            }
             verify(&engine, &check_model.borrow(), seed, life).await;
-            let live: u64 = list_all(&engine).await.iter().map(|key| {
-                stream_bytes(check_model.borrow().contents[key].len() as u64)
-            }).sum();
+            let live: u64 = list_all(&engine)
+                .await
+                .iter()
+                .map(|key| stream_bytes(check_model.borrow().contents[key].len() as u64))
+                .sum();
             let on_disk = segment_bytes_on_disk(&check_disk);
             // Compaction leaves segments more than half live, plus the shards' fresh
             // segments holding what it moved; each segment may also waste up to one
@@ -562,7 +569,7 @@ fn run_seed(seed: u64) -> String {
             // segment), which is a lot with these tiny 2 MiB test segments.
             assert!(
                 on_disk <= 2 * live + 2 * SHARDS as u64 * SEGMENT_BYTES,
-                "seed {seed} life {life}: {on_disk} bytes of segments for {live} live bytes after compaction"
+                "seed {seed} life {life}: {on_disk} segment bytes for {live} live after compaction"
             );
             engine.shutdown().await.expect("shutdown");
         });
@@ -678,8 +685,13 @@ fn simulated_crashes_lose_no_acknowledged_blob() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(60);
+    let first: u64 = std::env::var("GRAVITON_SIM_FIRST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let end = first + seeds;
     // Two seeds at a time: each is single-threaded.
-    let next = Arc::new(AtomicU64::new(0));
+    let next = Arc::new(AtomicU64::new(first));
     let workers: Vec<_> = (0..2)
         .map(|_| {
             let next = next.clone();
@@ -687,7 +699,7 @@ fn simulated_crashes_lose_no_acknowledged_blob() {
                 let mut failures = Vec::new();
                 loop {
                     let seed = next.fetch_add(1, Ordering::Relaxed);
-                    if seed >= seeds {
+                    if seed >= end {
                         return failures;
                     }
                     match run_seed_in_child(seed) {
@@ -704,7 +716,7 @@ fn simulated_crashes_lose_no_acknowledged_blob() {
         .collect();
     assert!(
         failures.is_empty(),
-        "{} of {seeds} seeds failed:\n{}",
+        "{} of the seeds {first}..{end} failed:\n{}",
         failures.len(),
         failures.join("\n")
     );
