@@ -1231,6 +1231,66 @@ async fn one_connection_cannot_take_every_call_permit() {
     server.stop().await;
 }
 
+/// A connection's call permit covers reading a request and running its handler, not a
+/// stream's life: open uploads and downloads on a connection limited to one call at a
+/// time leave room for its other calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_streams_do_not_hold_their_connections_call_permit() {
+    let options = ServeOptions {
+        calls_per_connection_max: 1,
+        ..ServeOptions::default()
+    };
+    let server = TestServer::start("streams-and-call-permits", options).await;
+    let mut clients = server.clients().await; // one connection
+    let mut rng = rng("open_streams_do_not_hold_their_connections_call_permit");
+    let large = random_bytes(&mut rng, 24 * MIB);
+    let large_key = put(&mut clients, &large).await;
+
+    // An upload in progress and a download that took one message, both left open.
+    let data = random_bytes(&mut rng, 3000);
+    let (sender, mut acks) = open_upload(&mut clients, vec![start(0)]).await;
+    let request = GetBlobRequest {
+        key: wire(&large_key),
+        range: None,
+    };
+    let mut download = clients.blobs.get_blob(request).await.unwrap().into_inner();
+    let first = within(60, "a first message", download.message())
+        .await
+        .unwrap()
+        .expect("a first message");
+
+    // Calls on the same connection still run, one after another.
+    for _ in 0..3 {
+        let answer = within(
+            5,
+            "a call beside open streams",
+            stat(&mut clients.blobs, &[5; 32]),
+        )
+        .await;
+        assert_code(answer, Code::NotFound, "a call beside open streams");
+    }
+    // And the open streams finish.
+    sender.send(chunk(0, data.clone())).await.unwrap();
+    sender.send(complete(&[])).await.unwrap();
+    let mut completed = false;
+    while let Some(ack) = within(10, "the upload's acks", acks.message())
+        .await
+        .unwrap()
+    {
+        completed |= ack.complete.is_some();
+    }
+    assert!(completed, "the open upload completed");
+    let mut received = first.data.len();
+    while let Some(message) = within(60, "the download", download.message())
+        .await
+        .unwrap()
+    {
+        received += message.data.len();
+    }
+    assert_eq!(received, large.len(), "the whole download");
+    server.stop().await;
+}
+
 /// A raw HTTP/2 connection, for requests that tonic's client would always send whole.
 struct RawConnection {
     client: h2::client::SendRequest<Bytes>,
