@@ -19,8 +19,9 @@
 //!   uploads (`uploads_max`) and open `GetBlob`/`ListBlobs` responses (`reads_max`),
 //!   the last two refused with `UNAVAILABLE` beyond their limit; calls whose request is
 //!   being read or handled (`calls_max`, and `calls_per_connection_max` of them per
-//!   connection; more wait), since tonic buffers a unary request whole, and that request's size (1 MiB for `BlobService`, beyond which it
-//!   is `RESOURCE_EXHAUSTED`; 64 KiB for health and reflection);
+//!   connection; more wait), since tonic buffers a unary request whole, and that
+//!   request's size (1 MiB for `BlobService`, beyond which it is `RESOURCE_EXHAUSTED`;
+//!   64 KiB for health and reflection);
 //! - on shutdown, calls in flight get a bounded drain period, then the engine is shut
 //!   down (everything acknowledged is durable) before [`serve`] returns.
 //!

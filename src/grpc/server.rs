@@ -27,6 +27,7 @@ use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 use tonic_health::pb::health_server::HealthServer;
 use tonic_health::server::HealthReporter;
+use tower::limit::GlobalConcurrencyLimitLayer;
 
 use super::auth::BearerAuth;
 use super::blob::BlobApi;
@@ -34,7 +35,6 @@ use super::connections;
 use super::drain::{self, Drain};
 use super::failure::TooLargeIsExhausted;
 use super::health::{self, HealthApi};
-use super::limits::CallPermits;
 use super::upload::UploadApi;
 use crate::engine::{self, Engine};
 use crate::proto;
@@ -204,9 +204,10 @@ async fn serve_until_drained(
         .http2_keepalive_interval(options.keepalive_interval)
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .max_concurrent_streams(STREAMS_PER_CONNECTION_MAX)
-        // Per connection, outside the routes: a call waits for its connection's permit
-        // before it takes one of the shared `calls_max` (see `limits.rs`).
+        // Calls being read or handled: a call waits for one of its connection's permits,
+        // then for one of the server's, which every connection shares (see `limits.rs`).
         .concurrency_limit_per_connection(options.calls_per_connection_max)
+        .layer(GlobalConcurrencyLimitLayer::new(options.calls_max))
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, signal);
     tokio::pin!(server);
@@ -284,16 +285,15 @@ fn routes(
     let health = HealthServer::new(HealthApi::new(reporter, drain))
         .max_decoding_message_size(SMALL_REQUEST_BYTES_MAX);
 
-    let calls = CallPermits::new(options.calls_max);
     let mut routes = RoutesBuilder::default();
     routes
-        .add_service(calls.limit(health))
-        .add_service(calls.limit(reflection_v1))
-        .add_service(calls.limit(reflection_v1alpha))
-        .add_service(calls.limit(InterceptedService::new(
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(InterceptedService::new(
             TooLargeIsExhausted(blob),
             auth.clone(),
-        )))
-        .add_service(calls.limit(InterceptedService::new(upload, auth)));
+        ))
+        .add_service(InterceptedService::new(upload, auth));
     Ok(routes.routes())
 }
