@@ -21,7 +21,7 @@ use graviton::proto::blob_service_client::BlobServiceClient;
 use graviton::proto::upload_message::Message;
 use graviton::proto::upload_service_client::UploadServiceClient;
 use graviton::proto::{
-    BatchStatBlobsRequest, BlobMetadata, ByteRange, CompleteUpload, DeleteBlobRequest,
+    BatchStatBlobsRequest, BlobChunk, BlobMetadata, ByteRange, CompleteUpload, DeleteBlobRequest,
     GetBlobRequest, ListBlobsRequest, StartUpload, StatBlobRequest, UploadAck, UploadChunk,
     UploadMessage,
 };
@@ -979,6 +979,24 @@ async fn oversized_requests_are_resource_exhausted() {
     server.stop().await;
 }
 
+/// Opens a `GetBlob` of the whole of `key` and takes its first message; the stream stays
+/// open, its client taking nothing more.
+async fn open_read(
+    blobs: &mut BlobServiceClient<Channel>,
+    key: &BlobKey,
+) -> (tonic::Streaming<BlobChunk>, BlobChunk) {
+    let request = GetBlobRequest {
+        key: wire(key),
+        range: None,
+    };
+    let mut stream = blobs.get_blob(request).await.unwrap().into_inner();
+    let first = within(60, "a read's first message", stream.message())
+        .await
+        .unwrap()
+        .expect("a first message");
+    (stream, first)
+}
+
 /// Opens an upload stream that stays open, sends `first`, and waits for the first ack
 /// (sent right after `start`, with nothing received yet).
 async fn open_upload(
@@ -1076,16 +1094,7 @@ async fn response_streams_beyond_the_limit_are_shed_with_unavailable() {
     // never read again, and HTTP/2 holds what was encoded for them until they do.
     let mut open = Vec::new();
     for _ in 0..2 {
-        let request = GetBlobRequest {
-            key: wire(&large_key),
-            range: None,
-        };
-        let mut stream = clients.blobs.get_blob(request).await.unwrap().into_inner();
-        within(60, "a first message", stream.message())
-            .await
-            .unwrap()
-            .expect("a first message");
-        open.push(stream);
+        open.push(open_read(&mut clients.blobs, &large_key).await.0);
     }
     let refused = get(&mut clients.blobs, small_key.as_bytes(), None).await;
     let status = assert_code(
@@ -1249,15 +1258,7 @@ async fn open_streams_do_not_hold_their_connections_call_permit() {
     // An upload in progress and a download that took one message, both left open.
     let data = random_bytes(&mut rng, 3000);
     let (sender, mut acks) = open_upload(&mut clients, vec![start(0)]).await;
-    let request = GetBlobRequest {
-        key: wire(&large_key),
-        range: None,
-    };
-    let mut download = clients.blobs.get_blob(request).await.unwrap().into_inner();
-    let first = within(60, "a first message", download.message())
-        .await
-        .unwrap()
-        .expect("a first message");
+    let (mut download, first) = open_read(&mut clients.blobs, &large_key).await;
 
     // Calls on the same connection still run, one after another.
     for _ in 0..3 {
@@ -1440,16 +1441,7 @@ async fn clients_that_stop_reading_do_not_stall_other_reads() {
             .await
             .expect("connect");
         let mut blobs = BlobServiceClient::new(channel);
-        let request = GetBlobRequest {
-            key: wire(&first_key),
-            range: None,
-        };
-        let mut stream = blobs.get_blob(request).await.unwrap().into_inner();
-        within(60, "a stalled reader's first message", stream.message())
-            .await
-            .unwrap()
-            .expect("a first message");
-        stalled.push(stream);
+        stalled.push(open_read(&mut blobs, &first_key).await.0);
     }
     let read = within(60, "the read beside stalled readers", async {
         get(&mut clients.blobs, second_key.as_bytes(), None).await
