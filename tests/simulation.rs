@@ -3,10 +3,12 @@
 //! Each seed drives one run: the real shard code (three shards, tiny segments and
 //! journals so that rotation, checkpoints and compaction happen often) over the
 //! simulated disk, on one thread. Concurrent clients upload, read, range-read, stat,
-//! list and delete; the disk injects faults (EIO, ENOSPC, failed fsyncs, bit rot,
-//! depending on the seed); at a random instant the whole process "loses power": every
-//! task is dropped mid-flight and the disk keeps only what was durable, with unsynced
-//! writes torn and reordered. The store is then reopened and checked against a plain
+//! list, delete, rotate journals and run compaction passes; in half the lives a
+//! background compactor runs pass after pass as well, so that the power also fails
+//! while compaction is moving blobs and removing segments. The disk injects faults
+//! (EIO, ENOSPC, failed fsyncs, bit rot, depending on the seed); at a random instant
+//! the whole process "loses power": every task is dropped mid-flight and the disk
+//! keeps only what was durable, with unsynced writes torn and reordered. The store is then reopened and checked against a plain
 //! model of what clients were told:
 //!
 //! - every blob whose upload was acknowledged (and not deleted since) is there, byte
@@ -15,7 +17,9 @@
 //! - a blob whose fate is unknown (its operation was cut off, failed, or raced with
 //!   another on the same key) may be present or absent, but if present it is exact;
 //! - every read at any time returns the exact bytes (checked by BLAKE3, since the key
-//!   is the content's digest) or an error, never other bytes;
+//!   is the content's digest) or an error, never other bytes; and the error is a
+//!   checksum failure only once the disk has planted bit rot (until then, a blob whose
+//!   data was lost or torn by a crash is a durability bug, not rot);
 //! - after compaction, dead space (deleted and abandoned uploads) is gone.
 //!
 //! `GRAVITON_SIM_SEEDS=N` runs N seeds (default 60), from `GRAVITON_SIM_FIRST_SEED`
@@ -99,6 +103,11 @@ struct Model {
     acknowledged_uploads: u64,
     acknowledged_deletes: u64,
     failed_operations: u64,
+    /// Blobs moved by compaction passes that completed while clients ran.
+    compaction_moves: u64,
+    /// Compaction passes running now, and those a crash cut off.
+    compactions_running: u64,
+    compactions_cut_off: u64,
 }
 
 enum Outcome {
@@ -172,6 +181,7 @@ impl Model {
 
     /// At a crash, everything in flight becomes unknown.
     fn crash(&mut self) {
+        self.compactions_cut_off += std::mem::take(&mut self.compactions_running);
         for key in std::mem::take(&mut self.in_flight).into_keys() {
             self.note(key, "cut off by crash");
             self.present.remove(&key);
@@ -264,7 +274,15 @@ async fn read_checked(
     Ok(bytes)
 }
 
-async fn client(engine: Engine, model: Rc<RefCell<Model>>, mut rng: SimRng, operations: u32) {
+/// One client: `operations` random operations. `rot` says whether the disk has flipped
+/// bits in earlier lives; until it has, no read may report corruption.
+async fn client(
+    engine: Engine,
+    model: Rc<RefCell<Model>>,
+    mut rng: SimRng,
+    operations: u32,
+    rot: bool,
+) {
     for _ in 0..operations {
         let choice = rng.below(100);
         if choice < 45 {
@@ -330,7 +348,11 @@ async fn client(engine: Engine, model: Rc<RefCell<Model>>, mut rng: SimRng, oper
                     model.borrow().story(&key)
                 ),
                 Err(Error::InvalidArgument(text)) => panic!("valid range refused: {text}"),
-                Err(_) => {} // injected read faults and corruption are reported, as they must be
+                Err(error @ Error::Corrupt { .. }) if !rot => panic!(
+                    "reading {key}: {error}, and the disk has planted no bit rot: {}",
+                    model.borrow().story(&key)
+                ),
+                Err(_) => {} // injected read faults and bit rot are reported, as they must be
             }
         } else if choice < 85 {
             let key = pick_key(&model, &mut rng);
@@ -370,19 +392,46 @@ async fn client(engine: Engine, model: Rc<RefCell<Model>>, mut rng: SimRng, oper
                     }
                 }
             }
-        } else if choice < 98 {
+        } else if choice < 96 {
             let _ = engine
                 .list(ListQuery {
                     limit: 1 + rng.below(20) as usize,
                     ..Default::default()
                 })
                 .await;
-        } else {
+        } else if choice < 98 {
             // Rotate every shard's journal now, racing the other clients' commits, so
             // that rotation, the spare journal and checkpoints run within every life
             // (the tiny journals alone rarely fill before the power goes).
             let _ = engine.rotate().await;
+        } else {
+            // A compaction pass, racing the other clients' uploads, reads and deletes,
+            // under the injected faults, and cut off wherever the power fails: moving
+            // blobs and removing segments must lose nothing and expose nothing.
+            compact(&engine, &model).await;
         }
+    }
+}
+
+/// One compaction pass, counted in the model.
+async fn compact(engine: &Engine, model: &RefCell<Model>) {
+    model.borrow_mut().compactions_running += 1;
+    let result = engine.compact().await;
+    let mut model = model.borrow_mut();
+    model.compactions_running -= 1;
+    if let Ok(report) = result {
+        model.compaction_moves += report.blobs_moved as u64;
+    }
+}
+
+/// Background compaction, as the engine's timer runs it, but at simulated instants:
+/// pass after pass, a random number of steps apart, until the power fails.
+async fn compactor(engine: Engine, model: Rc<RefCell<Model>>, mut rng: SimRng) {
+    loop {
+        for _ in 0..rng.below(300) {
+            graviton_io::sim::yield_now().await;
+        }
+        compact(&engine, &model).await;
     }
 }
 
@@ -432,7 +481,9 @@ async fn list_all(engine: &Engine) -> Vec<BlobKey> {
 }
 
 /// After a restart: what must be there is, exactly; what must not, isn't.
-async fn verify(engine: &Engine, model: &Model, seed: u64, life: usize) {
+/// Checks the reopened store against the model. Corruption is reported, never returned
+/// as bytes; and until the disk has flipped a bit (`rot`), there may be none at all.
+async fn verify(engine: &Engine, model: &Model, seed: u64, life: usize, rot: bool) {
     let listed: BTreeSet<BlobKey> = list_all(engine).await.into_iter().collect();
     for (key, content) in &model.present {
         assert!(
@@ -443,8 +494,11 @@ async fn verify(engine: &Engine, model: &Model, seed: u64, life: usize) {
         let bytes = read_checked(engine, *key, None, Some(content)).await;
         match bytes {
             Ok(_) => {}
-            Err(Error::Corrupt { .. }) => {} // bit rot planted by the simulator, reported
-            Err(error) => panic!("seed {seed} life {life}: reading {key}: {error}"),
+            Err(Error::Corrupt { .. }) if rot => {} // bit rot planted by the simulator
+            Err(error) => panic!(
+                "seed {seed} life {life}: reading {key}: {error}; {}",
+                model.story(key)
+            ),
         }
     }
     for key in &listed {
@@ -455,7 +509,8 @@ async fn verify(engine: &Engine, model: &Model, seed: u64, life: usize) {
         );
         if !model.present.contains_key(key) {
             match read_checked(engine, *key, None, model.contents.get(key).map(|c| &c[..])).await {
-                Ok(_) | Err(Error::Corrupt { .. }) => {}
+                Ok(_) => {}
+                Err(Error::Corrupt { .. }) if rot => {}
                 Err(error) => panic!(
                     "seed {seed} life {life}: visible blob {key} cannot be read: {error}; {}",
                     model.story(key)
@@ -501,10 +556,12 @@ fn run_seed(seed: u64) -> String {
             .unwrap_or(50 + rng.below(4000));
         let clients = 1 + rng.below(4) as usize;
         let client_seeds: Vec<u64> = (0..clients).map(|_| rng.next_u64()).collect();
+        let compactor_seed = (rng.below(2) == 0).then(|| rng.next_u64());
         let mut runtime = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
             .build()
             .expect("runtime");
         let life_disk = disk.clone();
+        let rot = disk.bit_rot_injected() > 0;
         let life_model = model.clone();
         runtime.block_on(async move {
             monoio::spawn(graviton_io::sim::yield_pump());
@@ -521,6 +578,14 @@ fn run_seed(seed: u64) -> String {
                     life_model.clone(),
                     SimRng::new(client_seed),
                     40,
+                    rot,
+                ));
+            }
+            if let Some(seed) = compactor_seed {
+                monoio::spawn(compactor(
+                    engine.clone(),
+                    life_model.clone(),
+                    SimRng::new(seed),
                 ));
             }
             for _ in 0..steps {
@@ -541,6 +606,7 @@ fn run_seed(seed: u64) -> String {
             .build()
             .expect("runtime");
         let check_disk = disk.clone();
+        let rot = disk.bit_rot_injected() > 0;
         let check_model = model.clone();
         runtime.block_on(async move {
             monoio::spawn(graviton_io::sim::yield_pump());
@@ -548,7 +614,7 @@ fn run_seed(seed: u64) -> String {
                 Ok(engine) => engine,
                 Err(error) => panic!("seed {seed} life {life}: reopen failed: {error}"),
             };
-            verify(&engine, &check_model.borrow(), seed, life).await;
+            verify(&engine, &check_model.borrow(), seed, life, rot).await;
             if std::env::var("SIM_TRACE").is_ok() {
                 eprintln!("life {life} verified, compacting");
             }
@@ -556,7 +622,7 @@ fn run_seed(seed: u64) -> String {
             if std::env::var("SIM_TRACE").is_ok() {
                 eprintln!("life {life} compacted");
             }
-            verify(&engine, &check_model.borrow(), seed, life).await;
+            verify(&engine, &check_model.borrow(), seed, life, rot).await;
             let live: u64 = list_all(&engine)
                 .await
                 .iter()
@@ -585,11 +651,13 @@ fn run_seed(seed: u64) -> String {
         fingerprint.update(story.join(",").as_bytes());
     }
     format!(
-        "seed {seed} ({}): {} uploads and {} deletes acknowledged, {} operations failed, {} faults injected, {} blobs at the end",
+        "seed {seed} ({}): {} uploads and {} deletes acknowledged, {} operations failed, {} blobs moved by compaction under load, {} compactions cut off, {} faults injected, {} blobs at the end",
         &fingerprint.finalize().to_hex()[..12],
         model.acknowledged_uploads,
         model.acknowledged_deletes,
         model.failed_operations,
+        model.compaction_moves,
+        model.compactions_cut_off,
         disk.injected_faults(),
         model.present.len()
     )

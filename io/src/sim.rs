@@ -107,6 +107,8 @@ struct SimFs {
     faults: Faults,
     /// Counts of injected faults, for reports.
     injected: u64,
+    /// Bits flipped in durable files so far (a subset of `injected`).
+    rotted: u64,
     /// While false, no faults are injected (for set-up and final checks).
     faults_enabled: bool,
 }
@@ -127,6 +129,7 @@ impl SimDisk {
                 rng: SimRng::new(seed),
                 faults,
                 injected: 0,
+                rotted: 0,
                 faults_enabled: true,
             })),
         }
@@ -140,6 +143,12 @@ impl SimDisk {
     /// How many faults were injected so far.
     pub fn injected_faults(&self) -> u64 {
         self.fs.borrow().injected
+    }
+
+    /// How many bits were flipped in durable files so far ([`Faults::bit_rot_at_crash`]).
+    /// Until one is, no read may report corruption: every checksum failure is a bug.
+    pub fn bit_rot_injected(&self) -> u64 {
+        self.fs.borrow().rotted
     }
 
     /// A draw from the disk's generator, for drivers that want one stream of randomness.
@@ -201,6 +210,7 @@ impl SimDisk {
                 data.durable[at] ^= bit;
                 data.visible[at] ^= bit;
                 fs.injected += 1;
+                fs.rotted += 1;
             }
         }
         SimDisk {
@@ -211,6 +221,7 @@ impl SimDisk {
                 rng: SimRng::new(fs.rng.next_u64()),
                 faults: fs.faults,
                 injected: fs.injected,
+                rotted: fs.rotted,
                 faults_enabled: fs.faults_enabled,
             })),
         }
