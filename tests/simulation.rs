@@ -274,14 +274,45 @@ async fn read_checked(
     Ok(bytes)
 }
 
-/// One client: `operations` random operations. `rot` says whether the disk has flipped
-/// bits in earlier lives; until it has, no read may report corruption.
+/// What may explain an operation's failure in the current life: a fault the disk
+/// injected in it (a reopened store starts clean, so earlier lives' faults cannot fail
+/// an operation now), or, for a checksum failure, bit rot planted at an earlier crash.
+#[derive(Clone)]
+struct Witness {
+    disk: SimDisk,
+    faults_at_start: u64,
+    rot: bool,
+}
+
+impl Witness {
+    fn new(disk: &SimDisk) -> Witness {
+        Witness {
+            disk: disk.clone(),
+            faults_at_start: disk.injected_faults(),
+            rot: disk.bit_rot_injected() > 0,
+        }
+    }
+
+    /// Panics unless an injected fault can explain `error`.
+    fn excuse(&self, what: impl std::fmt::Display, error: &Error) {
+        let explained = match error {
+            Error::Corrupt { .. } => self.rot,
+            _ => self.disk.injected_faults() > self.faults_at_start,
+        };
+        assert!(
+            explained,
+            "{what} failed, and no injected fault explains it: {error}"
+        );
+    }
+}
+
+/// One client: `operations` random operations.
 async fn client(
     engine: Engine,
     model: Rc<RefCell<Model>>,
     mut rng: SimRng,
     operations: u32,
-    rot: bool,
+    witness: Witness,
 ) {
     for _ in 0..operations {
         let choice = rng.below(100);
@@ -304,7 +335,10 @@ async fn client(
                 Err(Error::HashMismatch { .. }) | Err(Error::SizeMismatch { .. }) => {
                     panic!("a correct upload was refused: {result:?}")
                 }
-                Err(_) => Outcome::Failed,
+                Err(error) => {
+                    witness.excuse(format_args!("uploading {key}"), &error);
+                    Outcome::Failed
+                }
             };
             model.borrow_mut().end(key, outcome);
         } else if choice < 55 {
@@ -348,11 +382,7 @@ async fn client(
                     model.borrow().story(&key)
                 ),
                 Err(Error::InvalidArgument(text)) => panic!("valid range refused: {text}"),
-                Err(error @ Error::Corrupt { .. }) if !rot => panic!(
-                    "reading {key}: {error}, and the disk has planted no bit rot: {}",
-                    model.borrow().story(&key)
-                ),
-                Err(_) => {} // injected read faults and bit rot are reported, as they must be
+                Err(error) => witness.excuse(format_args!("reading {key}"), &error),
             }
         } else if choice < 85 {
             let key = pick_key(&model, &mut rng);
@@ -368,7 +398,10 @@ async fn client(
                     );
                     Outcome::Deleted
                 }
-                Err(_) => Outcome::Failed,
+                Err(error) => {
+                    witness.excuse(format_args!("deleting {key}"), &error);
+                    Outcome::Failed
+                }
             };
             model.borrow_mut().end(key, outcome);
         } else if choice < 95 {
@@ -376,7 +409,11 @@ async fn client(
                 .map(|_| pick_key(&model, &mut rng))
                 .collect();
             let versions: Vec<u64> = keys.iter().map(|k| model.borrow().version(k)).collect();
-            if let Ok(found) = engine.stat_many(&keys).await {
+            let found = engine.stat_many(&keys).await;
+            if let Err(error) = &found {
+                witness.excuse("stat_many", error);
+            }
+            if let Ok(found) = found {
                 let model = model.borrow();
                 for ((key, meta), version) in keys.iter().zip(found).zip(versions) {
                     if model.settled(key) && model.version(key) == version {
@@ -393,45 +430,51 @@ async fn client(
                 }
             }
         } else if choice < 96 {
-            let _ = engine
+            let listed = engine
                 .list(ListQuery {
                     limit: 1 + rng.below(20) as usize,
                     ..Default::default()
                 })
                 .await;
+            if let Err(error) = listed {
+                witness.excuse("list", &error);
+            }
         } else if choice < 98 {
             // Rotate every shard's journal now, racing the other clients' commits, so
             // that rotation, the spare journal and checkpoints run within every life
             // (the tiny journals alone rarely fill before the power goes).
-            let _ = engine.rotate().await;
+            if let Err(error) = engine.rotate().await {
+                witness.excuse("rotate", &error);
+            }
         } else {
             // A compaction pass, racing the other clients' uploads, reads and deletes,
             // under the injected faults, and cut off wherever the power fails: moving
             // blobs and removing segments must lose nothing and expose nothing.
-            compact(&engine, &model).await;
+            compact(&engine, &model, &witness).await;
         }
     }
 }
 
 /// One compaction pass, counted in the model.
-async fn compact(engine: &Engine, model: &RefCell<Model>) {
+async fn compact(engine: &Engine, model: &RefCell<Model>, witness: &Witness) {
     model.borrow_mut().compactions_running += 1;
     let result = engine.compact().await;
     let mut model = model.borrow_mut();
     model.compactions_running -= 1;
-    if let Ok(report) = result {
-        model.compaction_moves += report.blobs_moved as u64;
+    match result {
+        Ok(report) => model.compaction_moves += report.blobs_moved as u64,
+        Err(error) => witness.excuse("compaction", &error),
     }
 }
 
 /// Background compaction, as the engine's timer runs it, but at simulated instants:
 /// pass after pass, a random number of steps apart, until the power fails.
-async fn compactor(engine: Engine, model: Rc<RefCell<Model>>, mut rng: SimRng) {
+async fn compactor(engine: Engine, model: Rc<RefCell<Model>>, mut rng: SimRng, witness: Witness) {
     loop {
         for _ in 0..rng.below(300) {
             graviton_io::sim::yield_now().await;
         }
-        compact(&engine, &model).await;
+        compact(&engine, &model, &witness).await;
     }
 }
 
@@ -561,7 +604,7 @@ fn run_seed(seed: u64) -> String {
             .build()
             .expect("runtime");
         let life_disk = disk.clone();
-        let rot = disk.bit_rot_injected() > 0;
+        let witness = Witness::new(&disk);
         let life_model = model.clone();
         runtime.block_on(async move {
             monoio::spawn(graviton_io::sim::yield_pump());
@@ -578,7 +621,7 @@ fn run_seed(seed: u64) -> String {
                     life_model.clone(),
                     SimRng::new(client_seed),
                     40,
-                    rot,
+                    witness.clone(),
                 ));
             }
             if let Some(seed) = compactor_seed {
@@ -586,6 +629,7 @@ fn run_seed(seed: u64) -> String {
                     engine.clone(),
                     life_model.clone(),
                     SimRng::new(seed),
+                    witness.clone(),
                 ));
             }
             for _ in 0..steps {
