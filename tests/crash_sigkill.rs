@@ -2,6 +2,7 @@
 //!
 //! The test re-runs its own binary as a child process that opens the engine (real
 //! files, O_DIRECT, io_uring where available) and runs concurrent uploads and deletes,
+//! and compaction passes that move the survivors out of segments deletes thinned,
 //! printing a line for every acknowledgement. The parent kills the child with SIGKILL
 //! at a random moment, reopens the store and checks:
 //! - every upload the child saw acknowledged is there, byte for byte;
@@ -45,9 +46,13 @@ fn content(round: u64, worker: u64, sequence: u64) -> Vec<u8> {
 fn config(dir: &Path) -> EngineConfig {
     let mut config = EngineConfig::new(dir);
     config.shards = 2;
-    config.segment_bytes = 8 << 20;
+    config.segment_bytes = 4 << 20;
     config.journal_bytes = 256 << 10;
     config.pin_cores = false;
+    // Compaction passes are the child's own (below), often and taking any segment
+    // that is not nearly full, so that kills land while blobs are being moved.
+    config.compaction_interval = None;
+    config.compaction_live_ratio = 0.9;
     config
 }
 
@@ -70,6 +75,15 @@ fn sigkill_child() {
     runtime.block_on(async move {
         let engine = Engine::open(config(Path::new(&dir))).expect("open");
         println!("READY");
+        let compactor = engine.clone();
+        tokio::spawn(async move {
+            let mut rng = SimRng::new(round);
+            loop {
+                tokio::time::sleep(Duration::from_millis(10 + rng.below(100))).await;
+                let report = compactor.compact().await.expect("compaction");
+                println!("COMPACTED {}", report.blobs_moved);
+            }
+        });
         let mut tasks = Vec::new();
         for worker in 0..WORKERS {
             let engine = engine.clone();
@@ -122,6 +136,8 @@ struct Told {
     maybe_deleted: BTreeSet<BlobKey>,
     /// Uploads started but not acknowledged: (round, worker, sequence).
     in_flight: Vec<(u64, u64, u64)>,
+    /// Blobs the children's completed compaction passes moved.
+    moved: u64,
 }
 
 fn run_child(dir: &Path, round: u64, told: &mut Told, kill_after: Duration) -> usize {
@@ -192,6 +208,9 @@ fn run_child(dir: &Path, round: u64, told: &mut Told, kill_after: Duration) -> u
                 told.maybe_deleted.remove(&key);
                 told.present.remove(&key);
                 told.deleted.insert(key);
+            }
+            ["COMPACTED", moved] => {
+                told.moved += moved.parse::<u64>().unwrap();
             }
             _ => {}
         }
@@ -291,9 +310,10 @@ fn sigkill_loses_no_acknowledged_blob() {
         verify(&dir, &mut told, round);
     }
     println!(
-        "{acknowledged} uploads acknowledged over {ROUNDS} SIGKILLs; {} blobs stored, {} deleted",
+        "{acknowledged} uploads acknowledged over {ROUNDS} SIGKILLs; {} blobs stored, {} deleted, {} moved by compaction",
         told.present.len(),
-        told.deleted.len()
+        told.deleted.len(),
+        told.moved
     );
     assert!(
         acknowledged > 0,
