@@ -63,6 +63,15 @@ impl Error {
 }
 
 impl Error {
+    /// Whether a commit (a Put or Relocate record sent to the key's owner) that failed
+    /// with this error may still have reached the disk: the owner's journal write failed
+    /// after starting (`Io`, and the owner is then `Poisoned`), so the record may be
+    /// durable and, after a restart, name the extents it was sent with. Those extents
+    /// must then never be reused or compacted away before a restart settles it.
+    pub fn leaves_record_in_doubt(&self) -> bool {
+        matches!(self, Error::Io { .. } | Error::Poisoned { .. })
+    }
+
     /// The same failure again, for each of several requests that shared one operation
     /// (a group write). An I/O error keeps its OS code and text.
     pub fn duplicate(&self) -> Error {

@@ -4,7 +4,9 @@
 //! # Files
 //!
 //! A data directory holds one directory per shard, `shard-NNN/`, with three kinds of
-//! files. All integers are little-endian. All offsets and lengths of I/O are multiples
+//! files, and a fourth without content: the shard's space reserve [`RESERVE_FILE`], a
+//! preallocated file as large as a segment that compaction gives up to make room on a
+//! full disk (`segments.rs`). All integers are little-endian. All offsets and lengths of I/O are multiples
 //! of [`ALIGN`] (4096).
 //!
 //! **Segments** `seg-SSSS-QQQQQQQQQQQQ.dat` (S: writer shard, Q: sequence, hex) hold blob
@@ -513,6 +515,9 @@ pub fn journal_file_name(generation: u64) -> String {
 pub fn checkpoint_file_name(generation: u64) -> String {
     format!("checkpoint-{generation:016x}.idx")
 }
+
+/// Name of a shard's space reserve, in its directory. Its content means nothing.
+pub const RESERVE_FILE: &str = "space-reserve";
 
 /// Parses `journal-G.log` or `checkpoint-G.idx`.
 pub fn parse_generation(name: &str, prefix: &str, suffix: &str) -> Option<u64> {

@@ -438,6 +438,7 @@ pub async fn open_shard<D: Disk>(disk: D, wiring: ShardWiring) -> Result<Rc<Shar
         existing,
         poisoned.clone(),
     );
+    segments.hold_reserve();
     tracing::debug!(
         shard = wiring.id,
         blobs = index.borrow().len(),
@@ -457,6 +458,7 @@ pub async fn open_shard<D: Disk>(disk: D, wiring: ShardWiring) -> Result<Rc<Shar
         small_read_pool: BufPool::new(64 * 1024, config.small_read_buffers),
         small: Default::default(),
         closing: Cell::new(false),
+        compaction: Default::default(),
         config,
     }))
 }

@@ -10,7 +10,13 @@
 //! - an extent handed out counts as *in flight* until released; compaction never touches
 //!   the active segment or a segment with extents in flight;
 //! - concurrent syncs of one segment share fdatasync calls; a failed one poisons the
-//!   shard.
+//!   shard;
+//! - a full disk can still be compacted: each shard holds a *space reserve*, a
+//!   preallocated file ([`RESERVE_FILE`]) as large as a segment. Writes never use it;
+//!   when compaction cannot create the segment it moves blobs into because the disk is
+//!   full, the reserve is given up for it. Without one, deleting blobs on a full disk
+//!   could never free space: compaction frees a segment only by first copying its live
+//!   blobs into a new one. The reserve is taken again once compaction has freed space.
 
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -22,8 +28,17 @@ use graviton_io::Disk;
 use graviton_io::DiskFile;
 
 use super::error::{Error, Result};
-use super::format::{Extent, SegmentId, ALIGN, UNIT_BYTES};
+use super::format::{Extent, SegmentId, ALIGN, RESERVE_FILE, UNIT_BYTES};
 use super::signal::Signal;
+
+/// What extents are allocated for: only compaction may draw on the space reserve.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Purpose {
+    /// A blob being written (uploads, small-blob group writes).
+    Write,
+    /// A live blob being moved by compaction.
+    Compaction,
+}
 
 /// Name of shard `index`'s directory.
 pub fn shard_dir_name(index: usize) -> String {
@@ -49,6 +64,8 @@ struct State<F> {
     compacting: HashSet<SegmentId>,
     files: HashMap<SegmentId, F>,
     syncs: HashMap<SegmentId, Rc<GroupSync>>,
+    /// Whether this shard's space reserve file exists.
+    reserve_held: bool,
 }
 
 struct Active {
@@ -89,6 +106,7 @@ impl<D: Disk> Segments<D> {
                 compacting: HashSet::new(),
                 files: HashMap::new(),
                 syncs: HashMap::new(),
+                reserve_held: false,
             }),
         }
     }
@@ -102,7 +120,7 @@ impl<D: Disk> Segments<D> {
     /// Hands out an extent of `need` bytes (aligned), or, if the active segment has
     /// less room, of the largest multiple of [`UNIT_BYTES`] that fits. The extent is in
     /// flight until [`Segments::release`].
-    pub fn allocate(&self, need: u64) -> Result<Extent> {
+    pub fn allocate(&self, need: u64, purpose: Purpose) -> Result<Extent> {
         assert!(need > 0 && need.is_multiple_of(ALIGN));
         let mut state = self.state.borrow_mut();
         let room = state
@@ -110,7 +128,7 @@ impl<D: Disk> Segments<D> {
             .as_ref()
             .map_or(0, |a| a.capacity_bytes - a.tail);
         if room < need.min(UNIT_BYTES) {
-            self.start_segment(&mut state)?;
+            self.start_segment(&mut state, purpose)?;
         }
         let active = state.active.as_mut().expect("an active segment");
         let room = active.capacity_bytes - active.tail;
@@ -129,13 +147,20 @@ impl<D: Disk> Segments<D> {
         Ok(extent)
     }
 
-    fn start_segment(&self, state: &mut State<D::File>) -> Result<()> {
+    fn start_segment(&self, state: &mut State<D::File>, purpose: Purpose) -> Result<()> {
         let id = SegmentId::new(self.shard, state.next_sequence);
         let path = self.path(id);
-        let file = self
-            .disk
-            .create(&path, self.capacity_bytes)
-            .map_err(|e| Error::io("create segment", &path, 0, e))?;
+        let file = match self.disk.create(&path, self.capacity_bytes) {
+            Err(error)
+                if purpose == Purpose::Compaction
+                    && is_no_space(&error)
+                    && self.give_up_reserve(state) =>
+            {
+                self.disk.create(&path, self.capacity_bytes)
+            }
+            created => created,
+        }
+        .map_err(|e| Error::io("create segment", &path, 0, e))?;
         if let Err(error) = self.disk.sync_dir(&self.dir) {
             let _ = self.disk.remove(&path);
             return Err(Error::io("fsync dir", &self.dir, 0, error));
@@ -259,6 +284,47 @@ impl<D: Disk> Segments<D> {
             .map_err(|e| Error::io("fsync dir", &self.dir, 0, e))
     }
 
+    /// Takes the space reserve if this shard holds none: at open, and after compaction
+    /// freed space. On a disk too full for it, the shard goes on without one (logged).
+    pub fn hold_reserve(&self) {
+        if self.state.borrow().reserve_held {
+            return;
+        }
+        let path = self.dir.join(RESERVE_FILE);
+        let held = match self.disk.create(&path, self.capacity_bytes) {
+            Ok(_) => self.disk.sync_dir(&self.dir).is_ok(),
+            Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => true,
+            Err(error) => {
+                tracing::warn!(
+                    shard = self.shard,
+                    %error,
+                    "no space reserve: compaction may not be able to run on a full disk"
+                );
+                false
+            }
+        };
+        self.state.borrow_mut().reserve_held = held;
+    }
+
+    /// Removes the space reserve so that compaction can create a segment on a full
+    /// disk; false if there was none to give up.
+    fn give_up_reserve(&self, state: &mut State<D::File>) -> bool {
+        if !state.reserve_held {
+            return false;
+        }
+        let path = self.dir.join(RESERVE_FILE);
+        if self.disk.remove(&path).is_err() {
+            return false;
+        }
+        // The new segment's creation syncs this directory, and with it this removal.
+        state.reserve_held = false;
+        tracing::warn!(
+            shard = self.shard,
+            "disk full: compaction is using the shard's space reserve"
+        );
+        true
+    }
+
     /// Seals the active segment so that it can be compacted (tests, shutdown).
     pub fn seal_active(&self) {
         let mut state = self.state.borrow_mut();
@@ -266,6 +332,13 @@ impl<D: Disk> Segments<D> {
             state.sealed.insert(old.id, old.capacity_bytes);
         }
     }
+}
+
+fn is_no_space(error: &std::io::Error) -> bool {
+    matches!(
+        error.raw_os_error(),
+        Some(libc::ENOSPC) | Some(libc::EDQUOT)
+    )
 }
 
 /// Shares fdatasync calls among concurrent callers on one file.

@@ -45,7 +45,7 @@ use super::format::{
 };
 use super::index::{Entry, Index};
 use super::journal::Journal;
-use super::segments::Segments;
+use super::segments::{Purpose, Segments};
 use super::small::SmallWrites;
 use super::types::{BlobKey, BlobMeta, ByteRange, ListQuery};
 use super::{EngineConfig, ShardStatus};
@@ -163,6 +163,10 @@ pub struct Shard<D: Disk> {
     pub(super) small_read_pool: BufPool,
     pub(super) small: SmallWrites,
     pub(super) closing: Cell<bool>,
+    /// Held by the running compaction pass: passes (the timer's, [`Request::Compact`])
+    /// run one at a time, since a pass's list of live blobs goes stale when another
+    /// pass moves them and removes their segments.
+    pub(super) compaction: tokio::sync::Mutex<()>,
 }
 
 impl<D: Disk> Shard<D> {
@@ -292,7 +296,7 @@ impl<D: Disk> Shard<D> {
             return;
         }
         let planned = total.map(|size| round_up_u64(format::stream_payload_bytes(size), ALIGN));
-        let mut stream = StreamWriter::new(self.clone(), planned);
+        let mut stream = StreamWriter::new(self.clone(), planned, Purpose::Write);
         let mut hasher = blake3::Hasher::new();
         let mut crcs = ChunkCrcs::default();
         let mut received = 0u64;
@@ -353,7 +357,7 @@ impl<D: Disk> Shard<D> {
         let result = self
             .commit_elsewhere(key, received, location.clone(), attributes)
             .await;
-        self.segments.release(&location.extents);
+        self.release_unless_in_doubt(&location, &result);
         result
     }
 
@@ -455,18 +459,17 @@ impl<D: Disk> Shard<D> {
         } else {
             (Vec::new(), None) // an empty blob has no stream
         };
+        let location = Location { extents };
         let put = PutRecord {
             key,
             size,
             created_unix_ns: unix_now_ns(),
-            location: Location {
-                extents: extents.clone(),
-            },
+            location: location.clone(),
             attributes,
             data_crc,
         };
         let result = self.commit(put).await;
-        self.segments.release(&extents);
+        self.release_unless_in_doubt(&location, &result);
         result
     }
 
@@ -762,11 +765,31 @@ impl<D: Disk> Shard<D> {
         Ok(())
     }
 
+    /// Releases a committed (or refused) blob's extents. If the commit failed in a way
+    /// that leaves its record in doubt ([`Error::leaves_record_in_doubt`]), they stay in
+    /// flight instead, so that compaction never removes their segment: the record may
+    /// be durable and name them after a restart. Only a restart (which reads what the
+    /// journal holds) releases them; a failure of that kind has stopped a shard anyway.
+    fn release_unless_in_doubt<T>(&self, location: &Location, result: &Result<T>) {
+        match result {
+            Err(error) if error.leaves_record_in_doubt() => tracing::warn!(
+                shard = self.id,
+                %error,
+                "a commit failed with its record in doubt; its space is kept until a restart"
+            ),
+            _ => self.segments.release(&location.extents),
+        }
+    }
+
     // ----- compaction ---------------------------------------------------------------
 
     /// One pass: for each of this shard's sealed segments whose live bytes are at most
     /// the configured share of its size, moves the live blobs out and removes it.
     pub async fn compact(self: Rc<Self>) -> Result<CompactionReport> {
+        let _one_pass_at_a_time = self.compaction.lock().await;
+        // A stopped shard removes nothing: a segment may hold data a record in doubt
+        // names (see `release_unless_in_doubt`), even with no live blob in it.
+        self.check_writable()?;
         let mut report = CompactionReport::default();
         let candidates = self.segments.compactable();
         if candidates.is_empty() {
@@ -823,6 +846,9 @@ impl<D: Disk> Shard<D> {
             removed.push(segment);
             report.segments_removed += 1;
         }
+        if report.segments_removed > 0 {
+            self.segments.hold_reserve(); // given up if the disk was full; take it back
+        }
         Ok(report)
     }
 
@@ -836,7 +862,7 @@ impl<D: Disk> Shard<D> {
             self.check_writable()?;
             let stream_bytes = from.stream_bytes();
             let source = OpenFiles::open(&self.segments, &from)?;
-            let mut stream = StreamWriterRef::new(self, Some(stream_bytes));
+            let mut stream = StreamWriterRef::new(self, Some(stream_bytes), Purpose::Compaction);
             let mut at = 0;
             let copied: Result<Location> = async {
                 while at < stream_bytes {
@@ -873,7 +899,7 @@ impl<D: Disk> Shard<D> {
                 answer.await.map_err(|_| Error::ShuttingDown)?
             }
             .await;
-            self.segments.release(&to.extents);
+            self.release_unless_in_doubt(&to, &moved);
             if moved? {
                 report.blobs_moved += 1;
                 report.bytes_moved += stream_bytes;
@@ -989,6 +1015,8 @@ struct StreamWriterOf<S: std::ops::Deref<Target = Shard<D>>, D: Disk> {
     shard: S,
     /// The stream's final (aligned) size, if known in advance.
     planned: Option<u64>,
+    /// Compaction's streams may draw on the space reserve; uploads' may not.
+    purpose: Purpose,
     extents: Vec<Extent>,
     allocated: u64,
     position: u64,
@@ -997,10 +1025,11 @@ struct StreamWriterOf<S: std::ops::Deref<Target = Shard<D>>, D: Disk> {
 }
 
 impl<S: std::ops::Deref<Target = Shard<D>>, D: Disk> StreamWriterOf<S, D> {
-    fn new(shard: S, planned: Option<u64>) -> Self {
+    fn new(shard: S, planned: Option<u64>, purpose: Purpose) -> Self {
         StreamWriterOf {
             shard,
             planned,
+            purpose,
             extents: Vec::new(),
             allocated: 0,
             position: 0,
@@ -1055,7 +1084,7 @@ impl<S: std::ops::Deref<Target = Shard<D>>, D: Disk> StreamWriterOf<S, D> {
                 Some(planned) => planned.max(end) - self.allocated,
                 None => self.allocated.clamp(UNIT_BYTES, UNDECLARED_PIECE_BYTES_MAX),
             };
-            let extent = self.shard.segments.allocate(need)?;
+            let extent = self.shard.segments.allocate(need, self.purpose)?;
             self.allocated += extent.len as u64;
             match self.extents.last_mut() {
                 Some(last)

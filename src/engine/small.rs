@@ -40,6 +40,7 @@ use tokio::sync::oneshot;
 
 use super::error::{Error, Result};
 use super::format::{self, Extent, ALIGN, UNIT_BYTES};
+use super::segments::Purpose;
 use super::shard::{ChunkCrcs, Shard};
 use super::signal::Signal;
 
@@ -149,7 +150,7 @@ impl<D: Disk> Shard<D> {
         // segment fills up and a new one starts.
         let mut extents: Vec<Extent> = Vec::with_capacity(batch.len());
         for member in batch {
-            match self.segments.allocate(member.len) {
+            match self.segments.allocate(member.len, Purpose::Write) {
                 Ok(extent) => extents.push(extent),
                 Err(error) => {
                     self.segments.release(&extents);
