@@ -27,21 +27,10 @@ use graviton::engine::{BlobKey, Engine, EngineConfig, ListQuery};
 use graviton_io::sim::SimRng;
 
 use common::read_all;
+use common::told::{content, Told};
 
 const WORKERS: u64 = 6;
 const ROUNDS: u64 = 3;
-
-fn content(round: u64, worker: u64, sequence: u64) -> Vec<u8> {
-    let mut rng = SimRng::new(round << 40 ^ worker << 32 ^ sequence);
-    let size = match rng.below(4) {
-        0 => rng.below(5000) + 1, // never empty: distinct workers must not share a key
-        1 | 2 => rng.below(300_000) + 1,
-        _ => rng.below(3 << 20) + 1,
-    };
-    let mut bytes = vec![0u8; size as usize];
-    rng.fill(&mut bytes);
-    bytes
-}
 
 fn config(dir: &Path) -> EngineConfig {
     let mut config = EngineConfig::new(dir);
@@ -98,7 +87,7 @@ fn sigkill_child() {
                         println!("DELETED {key}");
                         continue;
                     }
-                    let data = content(round, worker, sequence);
+                    let data = content((round, worker, sequence));
                     println!("UPLOADING {round} {worker} {sequence}");
                     let mut upload = engine
                         .upload(Some(data.len() as u64), BTreeMap::new())
@@ -125,22 +114,9 @@ fn sigkill_child() {
     });
 }
 
-/// What the children were told, across rounds.
-#[derive(Default)]
-struct Told {
-    /// Acknowledged and not deleted since: key → (round, worker, sequence).
-    present: BTreeMap<BlobKey, (u64, u64, u64)>,
-    /// Acknowledged deleted.
-    deleted: BTreeSet<BlobKey>,
-    /// Deletes started but not acknowledged: either outcome is right.
-    maybe_deleted: BTreeSet<BlobKey>,
-    /// Uploads started but not acknowledged: (round, worker, sequence).
-    in_flight: Vec<(u64, u64, u64)>,
-    /// Blobs the children's completed compaction passes moved.
-    moved: u64,
-}
-
-fn run_child(dir: &Path, round: u64, told: &mut Told, kill_after: Duration) -> usize {
+/// Runs one child until `kill_after`, kills it, and notes what it was told in `told`;
+/// returns how many blobs its compaction passes moved.
+fn run_child(dir: &Path, round: u64, told: &mut Told, kill_after: Duration) -> u64 {
     let mut child = Command::new(std::env::current_exe().expect("test binary"))
         .args([
             "--exact",
@@ -184,38 +160,23 @@ fn run_child(dir: &Path, round: u64, told: &mut Told, kill_after: Duration) -> u
     reader.join().expect("reader");
     lines.extend(lines_rx.try_iter());
 
-    let mut acknowledged = 0;
+    let mut moved = 0;
     for line in &lines {
         let words: Vec<&str> = line.split_whitespace().collect();
+        let id = |r: &str, w: &str, s: &str| {
+            (r.parse().unwrap(), w.parse().unwrap(), s.parse().unwrap())
+        };
+        let key = |hex: &str| BlobKey::from_hex(hex).expect("hex");
         match words.as_slice() {
-            ["UPLOADING", r, w, s] => {
-                told.in_flight
-                    .push((r.parse().unwrap(), w.parse().unwrap(), s.parse().unwrap()))
-            }
-            ["ACK", r, w, s, key] => {
-                let id = (r.parse().unwrap(), w.parse().unwrap(), s.parse().unwrap());
-                told.in_flight.retain(|x| *x != id);
-                told.present
-                    .insert(BlobKey::from_hex(key).expect("hex"), id);
-                acknowledged += 1;
-            }
-            ["DELETING", key] => {
-                told.maybe_deleted
-                    .insert(BlobKey::from_hex(key).expect("hex"));
-            }
-            ["DELETED", key] => {
-                let key = BlobKey::from_hex(key).expect("hex");
-                told.maybe_deleted.remove(&key);
-                told.present.remove(&key);
-                told.deleted.insert(key);
-            }
-            ["COMPACTED", moved] => {
-                told.moved += moved.parse::<u64>().unwrap();
-            }
+            ["UPLOADING", r, w, s] => told.uploading(id(r, w, s)),
+            ["ACK", r, w, s, k] => told.uploaded(id(r, w, s), key(k)),
+            ["DELETING", k] => told.deleting(key(k)),
+            ["DELETED", k] => told.deleted(key(k)),
+            ["COMPACTED", count] => moved += count.parse::<u64>().unwrap(),
             _ => {}
         }
     }
-    acknowledged
+    moved
 }
 
 fn verify(dir: &Path, told: &mut Told, round: u64) {
@@ -241,56 +202,12 @@ fn verify(dir: &Path, told: &mut Told, round: u64) {
             after = Some(last.key);
             listed.extend(page.into_iter().map(|m| m.key));
         }
-        for (key, &(r, w, s)) in &told.present {
-            if told.maybe_deleted.contains(key) {
-                continue;
-            }
-            assert!(
-                listed.contains(key),
-                "round {round}: acknowledged blob {key} ({r} {w} {s}) lost"
-            );
-            let bytes = read_all(&engine, key)
+        told.check(round, &listed, async |key| {
+            read_all(&engine, key)
                 .await
-                .expect("read acknowledged blob");
-            assert!(
-                bytes == content(r, w, s),
-                "round {round}: blob {key} has other bytes"
-            );
-        }
-        let possible: BTreeMap<BlobKey, (u64, u64, u64)> = told
-            .in_flight
-            .iter()
-            .map(|&(r, w, s)| (BlobKey::of(&content(r, w, s)), (r, w, s)))
-            .collect();
-        for key in &listed {
-            if told.present.contains_key(key) || told.maybe_deleted.contains(key) {
-                continue;
-            }
-            assert!(
-                !told.deleted.contains(key),
-                "round {round}: deleted blob {key} came back"
-            );
-            let Some(&(r, w, s)) = possible.get(key) else {
-                panic!("round {round}: blob {key} is visible but no upload of it was in flight");
-            };
-            let bytes = read_all(&engine, key).await.expect("read in-flight blob");
-            assert!(
-                bytes == content(r, w, s),
-                "round {round}: in-flight blob {key} has other bytes"
-            );
-            // It survived: from now on it must stay.
-            told.present.insert(*key, (r, w, s));
-        }
-        // Resolve what was in doubt, as the store now says.
-        for key in std::mem::take(&mut told.maybe_deleted) {
-            if listed.contains(&key) {
-                told.deleted.remove(&key);
-            } else {
-                told.present.remove(&key);
-                told.deleted.insert(key);
-            }
-        }
-        told.in_flight.clear();
+                .expect("read after the restart")
+        })
+        .await;
         engine.shutdown().await.expect("shutdown");
     });
 }
@@ -303,20 +220,19 @@ fn sigkill_loses_no_acknowledged_blob() {
     std::fs::create_dir_all(&dir).expect("dir");
     let mut told = Told::default();
     let mut rng = SimRng::new(std::process::id() as u64);
-    let mut acknowledged = 0;
+    let mut moved = 0;
     for round in 0..ROUNDS {
         let kill_after = Duration::from_millis(300 + rng.below(1500));
-        acknowledged += run_child(&dir, round, &mut told, kill_after);
+        moved += run_child(&dir, round, &mut told, kill_after);
         verify(&dir, &mut told, round);
     }
+    let (stored, deleted) = told.counts();
     println!(
-        "{acknowledged} uploads acknowledged over {ROUNDS} SIGKILLs; {} blobs stored, {} deleted, {} moved by compaction",
-        told.present.len(),
-        told.deleted.len(),
-        told.moved
+        "{} uploads acknowledged over {ROUNDS} SIGKILLs; {stored} blobs stored, {deleted} deleted, {moved} moved by compaction",
+        told.acknowledged
     );
     assert!(
-        acknowledged > 0,
+        told.acknowledged > 0,
         "the children acknowledged nothing: the test tested nothing"
     );
     std::fs::remove_dir_all(&dir).expect("clean up");

@@ -15,6 +15,8 @@
 //! seeded generator; the test prints its seed, and `GRAVITON_TEST_SEED` replays one
 //! (the kill instants, not the scheduling).
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Cursor};
 use std::path::{Path, PathBuf};
@@ -26,20 +28,10 @@ use graviton::client::Client;
 use graviton::engine::BlobKey;
 use graviton_io::sim::SimRng;
 
+use common::told::{content, Told};
+
 const WORKERS: u64 = 6;
 const ROUNDS: u64 = 3;
-
-fn content(round: u64, worker: u64, sequence: u64) -> Vec<u8> {
-    let mut rng = SimRng::new(round << 40 ^ worker << 32 ^ sequence);
-    let size = match rng.below(4) {
-        0 => rng.below(5000) + 1, // never empty: distinct uploads must not share a key
-        1 | 2 => rng.below(300_000) + 1,
-        _ => rng.below(3 << 20) + 1,
-    };
-    let mut bytes = vec![0u8; size as usize];
-    rng.fill(&mut bytes);
-    bytes
-}
 
 /// A running `graviton serve`, and the address it took.
 struct Server {
@@ -121,20 +113,6 @@ fn address_in(line: &str) -> Option<String> {
     Some(address)
 }
 
-/// What the clients were told, across rounds.
-#[derive(Default)]
-struct Told {
-    /// Acknowledged and not deleted since: key → (round, worker, sequence).
-    present: BTreeMap<BlobKey, (u64, u64, u64)>,
-    /// Acknowledged deleted.
-    deleted: BTreeSet<BlobKey>,
-    /// Deletes sent but not answered: either outcome is right.
-    maybe_deleted: BTreeSet<BlobKey>,
-    /// Uploads started but not acknowledged: (round, worker, sequence).
-    in_flight: BTreeSet<(u64, u64, u64)>,
-    acknowledged: u64,
-}
-
 /// One client: uploads, and deletes some of its own blobs, until the server is gone.
 async fn worker(url: String, round: u64, worker: u64, told: Arc<Mutex<Told>>) {
     let Ok(mut client) = Client::connect(&url, None).await else {
@@ -145,20 +123,17 @@ async fn worker(url: String, round: u64, worker: u64, told: Arc<Mutex<Told>>) {
     for sequence in 0.. {
         if !mine.is_empty() && rng.below(5) == 0 {
             let key = mine.swap_remove(rng.below(mine.len() as u64) as usize);
-            told.lock().unwrap().maybe_deleted.insert(key);
+            told.lock().unwrap().deleting(key);
             if client.delete(&key).await.is_err() {
                 return; // the server was killed; the delete's fate is unknown
             }
-            let mut told = told.lock().unwrap();
-            told.maybe_deleted.remove(&key);
-            told.present.remove(&key);
-            told.deleted.insert(key);
+            told.lock().unwrap().deleted(key);
             continue;
         }
         let id = (round, worker, sequence);
-        let data = content(round, worker, sequence);
+        let data = content(id);
         let size = data.len() as u64;
-        told.lock().unwrap().in_flight.insert(id);
+        told.lock().unwrap().uploading(id);
         let Ok(meta) = client
             .put(Cursor::new(data), Some(size), BTreeMap::new())
             .await
@@ -166,10 +141,7 @@ async fn worker(url: String, round: u64, worker: u64, told: Arc<Mutex<Told>>) {
             return; // the server was killed; the upload stays in flight
         };
         let key = BlobKey::from_slice(&meta.key).expect("a 32-byte key");
-        let mut told = told.lock().unwrap();
-        told.in_flight.remove(&id);
-        told.present.insert(key, id);
-        told.acknowledged += 1;
+        told.lock().unwrap().uploaded(id, key);
         mine.push(key);
     }
 }
@@ -202,55 +174,12 @@ async fn read(client: &mut Client, key: &BlobKey) -> Vec<u8> {
     bytes
 }
 
-/// Checks the restarted server against what the clients were told, then settles what
-/// was in doubt as the store now says.
+/// Checks the restarted server against what the clients were told.
 async fn verify(url: &str, told: &mut Told, round: u64) {
     let mut client = Client::connect(url, None).await.expect("connect");
     let listed = list_all(&mut client).await;
-    for (key, &(r, w, s)) in &told.present {
-        if told.maybe_deleted.contains(key) {
-            continue;
-        }
-        assert!(
-            listed.contains(key),
-            "round {round}: acknowledged blob {key} ({r} {w} {s}) lost"
-        );
-        assert!(
-            read(&mut client, key).await == content(r, w, s),
-            "round {round}: blob {key} has other bytes"
-        );
-    }
-    let possible: BTreeMap<BlobKey, (u64, u64, u64)> = told
-        .in_flight
-        .iter()
-        .map(|&(r, w, s)| (BlobKey::of(&content(r, w, s)), (r, w, s)))
-        .collect();
-    for key in &listed {
-        if told.present.contains_key(key) || told.maybe_deleted.contains(key) {
-            continue;
-        }
-        assert!(
-            !told.deleted.contains(key),
-            "round {round}: deleted blob {key} came back"
-        );
-        let Some(&(r, w, s)) = possible.get(key) else {
-            panic!("round {round}: blob {key} is visible but no upload of it was in flight");
-        };
-        assert!(
-            read(&mut client, key).await == content(r, w, s),
-            "round {round}: in-flight blob {key} has other bytes"
-        );
-        told.present.insert(*key, (r, w, s)); // it survived: from now on it must stay
-    }
-    for key in std::mem::take(&mut told.maybe_deleted) {
-        if listed.contains(&key) {
-            told.deleted.remove(&key);
-        } else {
-            told.present.remove(&key);
-            told.deleted.insert(key);
-        }
-    }
-    told.in_flight.clear();
+    told.check(round, &listed, async |key| read(&mut client, key).await)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -286,11 +215,10 @@ async fn a_killed_server_loses_no_acknowledged_blob() {
     }
     server.terminate();
     let told = told.lock().unwrap();
+    let (stored, deleted) = told.counts();
     println!(
-        "{} uploads acknowledged over {ROUNDS} SIGKILLs of the server; {} blobs stored, {} deleted",
-        told.acknowledged,
-        told.present.len(),
-        told.deleted.len()
+        "{} uploads acknowledged over {ROUNDS} SIGKILLs of the server; {stored} blobs stored, {deleted} deleted",
+        told.acknowledged
     );
     assert!(
         told.acknowledged > 0,

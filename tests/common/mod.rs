@@ -3,6 +3,8 @@
 //! file does not use is not dead code.
 #![allow(dead_code)]
 
+pub mod told;
+
 use std::path::{Path, PathBuf};
 
 use graviton::engine::{BlobKey, BlobMeta, Engine, EngineConfig, Error, ListQuery};
