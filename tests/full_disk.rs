@@ -79,7 +79,8 @@ impl LoopMount {
 
 impl Drop for LoopMount {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.dir).status();
+        // Lazily: after a failed test the engine's threads may still hold files here.
+        let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
         if let Some(base) = self.image.parent() {
             let _ = std::fs::remove_dir_all(base);
         }

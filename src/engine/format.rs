@@ -6,8 +6,8 @@
 //! A data directory holds one directory per shard, `shard-NNN/`, with three kinds of
 //! files, and a fourth without content: the shard's space reserve [`RESERVE_FILE`], a
 //! preallocated file as large as a segment that compaction gives up to make room on a
-//! full disk (`segments.rs`). All integers are little-endian. All offsets and lengths of I/O are multiples
-//! of [`ALIGN`] (4096).
+//! full disk (`segments.rs`). All integers are little-endian. All offsets and lengths
+//! of I/O are multiples of [`ALIGN`] (4096).
 //!
 //! **Segments** `seg-SSSS-QQQQQQQQQQQQ.dat` (S: writer shard, Q: sequence, hex) hold blob
 //! data. A segment is preallocated to its full size and written only by its shard, by

@@ -150,17 +150,19 @@ impl<D: Disk> Segments<D> {
     fn start_segment(&self, state: &mut State<D::File>, purpose: Purpose) -> Result<()> {
         let id = SegmentId::new(self.shard, state.next_sequence);
         let path = self.path(id);
-        let file = match self.disk.create(&path, self.capacity_bytes) {
-            Err(error)
-                if purpose == Purpose::Compaction
-                    && is_no_space(&error)
-                    && self.give_up_reserve(state) =>
+        let create = || {
+            self.disk
+                .create(&path, self.capacity_bytes)
+                .map_err(|e| Error::io("create segment", &path, 0, e))
+        };
+        let file = match create() {
+            Err(Error::NoSpace { .. })
+                if purpose == Purpose::Compaction && self.give_up_reserve(state) =>
             {
-                self.disk.create(&path, self.capacity_bytes)
+                create()
             }
             created => created,
-        }
-        .map_err(|e| Error::io("create segment", &path, 0, e))?;
+        }?;
         if let Err(error) = self.disk.sync_dir(&self.dir) {
             let _ = self.disk.remove(&path);
             return Err(Error::io("fsync dir", &self.dir, 0, error));
@@ -332,13 +334,6 @@ impl<D: Disk> Segments<D> {
             state.sealed.insert(old.id, old.capacity_bytes);
         }
     }
-}
-
-fn is_no_space(error: &std::io::Error) -> bool {
-    matches!(
-        error.raw_os_error(),
-        Some(libc::ENOSPC) | Some(libc::EDQUOT)
-    )
 }
 
 /// Shares fdatasync calls among concurrent callers on one file.

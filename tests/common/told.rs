@@ -37,7 +37,7 @@ pub struct Told {
     /// Uploads started but not acknowledged.
     in_flight: BTreeSet<Id>,
     /// Uploads acknowledged, over every round.
-    pub acknowledged: u64,
+    acknowledged: u64,
 }
 
 impl Told {
@@ -61,9 +61,19 @@ impl Told {
         self.deleted.insert(key);
     }
 
-    /// (blobs stored, blobs deleted) as the clients know them now.
-    pub fn counts(&self) -> (usize, usize) {
-        (self.present.len(), self.deleted.len())
+    /// What the test did, for its output, after checking that it did something:
+    /// a run in which nothing was acknowledged tested nothing.
+    pub fn summary(&self) -> String {
+        assert!(
+            self.acknowledged > 0,
+            "nothing was acknowledged: the test tested nothing"
+        );
+        format!(
+            "{} uploads acknowledged; {} blobs stored, {} deleted",
+            self.acknowledged,
+            self.present.len(),
+            self.deleted.len()
+        )
     }
 
     /// Checks a restarted store, which `listed` every key of and whose blobs `read`
