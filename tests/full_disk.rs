@@ -12,8 +12,9 @@
 //!   what the clients were told.
 //!
 //! Mounting needs root and a loop device (`mount -o loop`, `mkfs.ext4`). Where they
-//! are missing the test says so and passes without testing; `scripts/test` runs as
-//! root on the CI machines, where they are present.
+//! are missing the test records why ([`common::report_skip`]; `scripts/test` prints it
+//! after `cargo test`) and passes without testing. `scripts/test` runs as root on the
+//! CI machines, where they are present.
 
 mod common;
 
@@ -69,7 +70,10 @@ impl LoopMount {
         match made {
             Ok(()) => Some(LoopMount { image, dir }),
             Err(why) => {
-                eprintln!("full_disk: SKIPPED, cannot mount a loop file system here: {why}");
+                common::report_skip(
+                    &format!("full_disk::{name}"),
+                    &format!("cannot mount a loop file system here: {why}"),
+                );
                 let _ = std::fs::remove_dir_all(base);
                 None
             }

@@ -20,6 +20,27 @@ pub fn test_dir(group: &str, name: &str) -> PathBuf {
     dir
 }
 
+/// Where tests that cannot run here say so; `scripts/test` prints the file after
+/// `cargo test`, which hides a passing test's output, so a skip shows in CI's log.
+pub const SKIPPED_FILE: &str = "skipped-tests.txt";
+
+/// Records that `test` passed without testing, and why: on stderr, and as a line of
+/// [`SKIPPED_FILE`] in the target directory's temporary directory.
+pub fn report_skip(test: &str, why: &str) {
+    use std::io::Write;
+    let line = format!("{test}: SKIPPED: {why}");
+    eprintln!("{line}");
+    let path = Path::new(env!("CARGO_TARGET_TMPDIR")).join(SKIPPED_FILE);
+    let appended = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .and_then(|mut file| writeln!(file, "{line}"));
+    if let Err(error) = appended {
+        eprintln!("could not record the skip in {}: {error}", path.display());
+    }
+}
+
 /// Opens an engine from a tokio task (opening blocks until every shard is ready).
 pub async fn open_engine(config: EngineConfig) -> Engine {
     tokio::task::spawn_blocking(move || Engine::open(config))
