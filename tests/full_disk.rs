@@ -194,31 +194,9 @@ async fn a_full_disk_refuses_uploads_and_keeps_serving() {
     let mut rng = SimRng::new(std::process::id() as u64);
     let engine = common::open_engine(config(&data_dir)).await;
 
-    // Fill it: 1 MiB blobs (and a few small ones) until the file system says no, four
-    // times in a row (uploads go to either shard, and one may still have room).
+    // Fill it until the file system says no.
     let mut stored: BTreeMap<BlobKey, Bytes> = BTreeMap::new();
-    let mut refusals = 0;
-    let mut full = None;
-    while refusals < 4 {
-        assert!(stored.len() < 200, "48 MiB cannot hold 200 MiB of blobs");
-        let len = if stored.len() % 5 == 4 { 3000 } else { MIB };
-        let data = random_bytes(&mut rng, len);
-        match upload(&engine, &data).await {
-            Ok(key) => {
-                stored.insert(key, data);
-                refusals = 0;
-            }
-            Err(error) => {
-                assert!(
-                    matches!(error, Error::NoSpace { .. }),
-                    "a full disk is told apart from a fault: {error}"
-                );
-                refusals += 1;
-                full = Some(error);
-            }
-        }
-    }
-    let full = full.expect("refused");
+    let full = fill(&engine, &mut rng, &mut stored).await;
     assert!(stored.len() >= 10, "only {} blobs fit", stored.len());
     println!("full after {} blobs: {full}", stored.len());
 
@@ -235,41 +213,85 @@ async fn a_full_disk_refuses_uploads_and_keeps_serving() {
     let engine = common::open_engine(config(&data_dir)).await;
     check_store(&engine, &stored).await;
 
-    // Deletes work on the full disk; compaction gives the space back.
-    let doomed: Vec<BlobKey> = keys.iter().copied().step_by(2).collect();
-    for key in &doomed {
-        engine
-            .delete(key)
-            .await
-            .unwrap_or_else(|error| panic!("delete {key} on a full disk: {error}"));
-        stored.remove(key);
+    // Deletes work on the full disk; compaction gives the space back, and each shard
+    // its reserve. Twice: the second time the disk fills, compaction needs the reserves
+    // the first pass gave back.
+    for round in 0..2 {
+        if round > 0 {
+            let full = fill(&engine, &mut rng, &mut stored).await;
+            println!("full again with {} blobs: {full}", stored.len());
+        }
+        let keys: Vec<BlobKey> = stored.keys().copied().collect();
+        for key in keys.iter().step_by(2) {
+            engine
+                .delete(key)
+                .await
+                .unwrap_or_else(|error| panic!("delete {key} on a full disk: {error}"));
+            stored.remove(key);
+        }
+        let report = engine.compact().await.expect("compaction on a full disk");
+        assert!(
+            report.segments_removed > 0,
+            "round {round}: compaction freed nothing: {report:?}"
+        );
+        assert_reserves(&data_dir);
+        check_store(&engine, &stored).await;
+        for _ in 0..3 {
+            let data = random_bytes(&mut rng, MIB);
+            let key = upload(&engine, &data)
+                .await
+                .unwrap_or_else(|error| panic!("upload after space was freed: {error}"));
+            stored.insert(key, data);
+        }
+        check_store(&engine, &stored).await;
     }
-    let report = engine.compact().await.expect("compaction on a full disk");
-    assert!(
-        report.segments_removed > 0,
-        "compaction freed nothing: {report:?}"
-    );
-    check_store(&engine, &stored).await;
-    for _ in 0..3 {
-        let data = random_bytes(&mut rng, MIB);
-        let key = upload(&engine, &data)
-            .await
-            .unwrap_or_else(|error| panic!("upload after space was freed: {error}"));
-        stored.insert(key, data);
-    }
-    check_store(&engine, &stored).await;
     engine.shutdown().await.expect("shutdown");
 
     // A restart finds exactly what the clients were told, and with space free again,
     // every shard holds its space reserve for the next time the disk fills.
     let engine = common::open_engine(config(&data_dir)).await;
     check_store(&engine, &stored).await;
+    assert_reserves(&data_dir);
+    engine.shutdown().await.expect("shutdown");
+    drop(mount);
+}
+
+/// Uploads 1 MiB blobs (and a few small ones) into `stored` until the file system says
+/// no four times in a row (uploads go to either shard, and one may still have room);
+/// returns the last refusal, which must be [`Error::NoSpace`].
+async fn fill(engine: &Engine, rng: &mut SimRng, stored: &mut BTreeMap<BlobKey, Bytes>) -> Error {
+    let mut refusals = 0;
+    let mut full = None;
+    let mut added = 0;
+    while refusals < 4 {
+        assert!(added < 200, "48 MiB cannot hold 200 MiB of blobs");
+        let len = if added % 5 == 4 { 3000 } else { MIB };
+        let data = random_bytes(rng, len);
+        match upload(engine, &data).await {
+            Ok(key) => {
+                stored.insert(key, data);
+                added += 1;
+                refusals = 0;
+            }
+            Err(error) => {
+                assert!(
+                    matches!(error, Error::NoSpace { .. }),
+                    "a full disk is told apart from a fault: {error}"
+                );
+                refusals += 1;
+                full = Some(error);
+            }
+        }
+    }
+    full.expect("refused")
+}
+
+/// Every shard holds its space reserve, for the next time the disk fills.
+fn assert_reserves(data_dir: &Path) {
     for shard in ["shard-000", "shard-001"] {
         let reserve = data_dir
             .join(shard)
             .join(graviton::engine::format::RESERVE_FILE);
         assert!(reserve.exists(), "{} is missing", reserve.display());
     }
-    engine.shutdown().await.expect("shutdown");
-    drop(mount);
 }

@@ -39,6 +39,10 @@ pub trait Disk: Clone + 'static {
     /// Creates a new file (it must not exist) with `len_bytes` preallocated.
     fn create(&self, path: &Path, len_bytes: u64) -> io::Result<Self::File>;
     fn remove(&self, path: &Path) -> io::Result<()>;
+    /// Gives the file at `from` the name `to`, which must not exist (`AlreadyExists`
+    /// otherwise; never replaces a file). Durable, like creation and removal, only after
+    /// [`Disk::sync_dir`] of both directories.
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
     /// Names of the files in `dir`.
     fn list(&self, dir: &Path) -> io::Result<Vec<String>>;
     fn create_dir_all(&self, dir: &Path) -> io::Result<()>;
@@ -231,6 +235,32 @@ fn is_tmpfs(dir: &Path) -> io::Result<bool> {
     Ok(stats.f_type as i64 == TMPFS_MAGIC)
 }
 
+/// `renameat2(RENAME_NOREPLACE)`: fails with `EEXIST` rather than replace `to`.
+fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+    let c_path = |path: &Path| {
+        std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))
+    };
+    let (from, to) = (c_path(from)?, c_path(to)?);
+    // SAFETY: both paths are valid C strings that live for the duration of the call;
+    // AT_FDCWD makes relative paths relative to the working directory, as std's are.
+    #[allow(unsafe_code)]
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 fn fallocate(file: &fs::File, len_bytes: u64) -> io::Result<()> {
     if len_bytes == 0 {
         return Ok(());
@@ -265,6 +295,10 @@ impl Disk for DirectDisk {
 
     fn remove(&self, path: &Path) -> io::Result<()> {
         fs::remove_file(path)
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        rename_noreplace(from, to)
     }
 
     fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
@@ -460,6 +494,32 @@ mod tests {
             );
             assert!(bytes[8192..].iter().all(|&b| b == 0));
         });
+        fs::remove_dir_all(&dir).expect("clean up");
+    }
+
+    #[test]
+    fn rename_moves_a_name_and_never_replaces_one() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../target/io-tests")
+            .join(format!("rename-{}", std::process::id()));
+        fs::create_dir_all(&dir).expect("dir");
+        let disk = DirectDisk::probe(&dir, IoMode::Direct).expect("direct I/O");
+        let (a, b, c) = (dir.join("a"), dir.join("b"), dir.join("c"));
+        let mut runtime = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            disk.create(&a, 4096).expect("create a");
+            disk.create(&b, 8192).expect("create b");
+        });
+        let refused = disk.rename(&a, &b).expect_err("b exists");
+        assert_eq!(refused.kind(), io::ErrorKind::AlreadyExists);
+        assert_eq!(fs::metadata(&b).expect("b").len(), 8192, "b untouched");
+        disk.rename(&a, &c).expect("rename a to c");
+        assert!(!a.exists());
+        assert_eq!(fs::metadata(&c).expect("c").len(), 4096);
+        let missing = disk.rename(&a, &dir.join("d")).expect_err("a is gone");
+        assert_eq!(missing.kind(), io::ErrorKind::NotFound);
         fs::remove_dir_all(&dir).expect("clean up");
     }
 

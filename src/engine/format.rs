@@ -6,7 +6,8 @@
 //! A data directory holds one directory per shard, `shard-NNN/`, with three kinds of
 //! files, and a fourth without content: the shard's space reserve [`RESERVE_FILE`], a
 //! preallocated file as large as a segment that compaction gives up to make room on a
-//! full disk (`segments.rs`). All integers are little-endian. All offsets and lengths
+//! full disk (`segments.rs`); a segment compaction emptied may be renamed to it, so
+//! its content is stale blob bytes or zeros, and is never read. All integers are little-endian. All offsets and lengths
 //! of I/O are multiples of [`ALIGN`] (4096).
 //!
 //! **Segments** `seg-SSSS-QQQQQQQQQQQQ.dat` (S: writer shard, Q: sequence, hex) hold blob
@@ -516,7 +517,8 @@ pub fn checkpoint_file_name(generation: u64) -> String {
     format!("checkpoint-{generation:016x}.idx")
 }
 
-/// Name of a shard's space reserve, in its directory. Its content means nothing.
+/// Name of a shard's space reserve, in its directory. Its content means nothing: zeros,
+/// or the stale bytes of a segment that compaction emptied and renamed to it.
 pub const RESERVE_FILE: &str = "space-reserve";
 
 /// Parses `journal-G.log` or `checkpoint-G.idx`.

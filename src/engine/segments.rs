@@ -16,7 +16,9 @@
 //!   when compaction cannot create the segment it moves blobs into because the disk is
 //!   full, the reserve is given up for it. Without one, deleting blobs on a full disk
 //!   could never free space: compaction frees a segment only by first copying its live
-//!   blobs into a new one. The reserve is taken again once compaction has freed space.
+//!   blobs into a new one. The first segment compaction then frees becomes the new
+//!   reserve (renamed, so no other shard can take its space first); failing that, a
+//!   reserve is allocated again once compaction has freed space.
 
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -270,20 +272,55 @@ impl<D: Disk> Segments<D> {
     }
 
     /// Removes a compacted segment's file and makes the removal durable.
+    ///
+    /// If the shard holds no space reserve (compaction gave it up on a full disk) and
+    /// the segment is a reserve's size, its file becomes the reserve instead: renamed,
+    /// so its blocks never go back to the file system, where another shard's uploads
+    /// could take them before this shard allocated a new reserve.
     pub fn remove(&self, segment: SegmentId) -> Result<()> {
         let path = self.path(segment);
-        {
+        let (size, reserve_held) = {
             let mut state = self.state.borrow_mut();
-            state.sealed.remove(&segment);
             state.compacting.remove(&segment);
-        }
+            (state.sealed.remove(&segment), state.reserve_held)
+        };
         self.forget(segment);
-        self.disk
-            .remove(&path)
-            .map_err(|e| Error::io("remove segment", &path, 0, e))?;
+        let becomes_reserve =
+            !reserve_held && size == Some(self.capacity_bytes) && self.take_as_reserve(&path);
+        if !becomes_reserve {
+            self.disk
+                .remove(&path)
+                .map_err(|e| Error::io("remove segment", &path, 0, e))?;
+        }
         self.disk
             .sync_dir(&self.dir)
             .map_err(|e| Error::io("fsync dir", &self.dir, 0, e))
+    }
+
+    /// Renames the file at `path` (a compacted segment) to the space reserve; false,
+    /// logged, if that failed. Its content is stale and never read.
+    fn take_as_reserve(&self, path: &Path) -> bool {
+        let reserve = self.dir.join(RESERVE_FILE);
+        match self.disk.rename(path, &reserve) {
+            Ok(()) => {
+                self.state.borrow_mut().reserve_held = true;
+                tracing::info!(
+                    shard = self.shard,
+                    segment = %path.display(),
+                    "space reserve taken back: a compacted segment became the reserve"
+                );
+                true
+            }
+            Err(error) => {
+                tracing::warn!(
+                    shard = self.shard,
+                    segment = %path.display(),
+                    %error,
+                    "could not make a compacted segment the space reserve; removing it"
+                );
+                false
+            }
+        }
     }
 
     /// Takes the space reserve if this shard holds none: at open, and after compaction
@@ -389,5 +426,68 @@ impl GroupSync {
                 self.done.changed(seen).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use graviton_io::sim::{Faults, SimDisk};
+
+    /// On a disk where every allocation fails, as when other shards' uploads take each
+    /// block as soon as it is freed, compaction still gets its reserve back: the first
+    /// segment it removes becomes the reserve.
+    #[test]
+    fn a_compacted_segment_becomes_the_reserve_on_a_full_disk() {
+        let full = Faults {
+            create_enospc: 1000,
+            ..Faults::default()
+        };
+        let disk = SimDisk::new(7, full);
+        disk.set_faults_enabled(false);
+        let root = Path::new("/store");
+        let segments = Segments::new(
+            disk.clone(),
+            0,
+            root,
+            UNIT_BYTES,
+            Vec::new(),
+            Rc::new(Cell::new(false)),
+        );
+        let dir = root.join(shard_dir_name(0));
+        disk.create_dir_all(&dir).expect("shard dir");
+        let reserve = dir.join(RESERVE_FILE);
+        segments.hold_reserve();
+        assert!(disk.open(&reserve).is_ok(), "reserve held at open");
+
+        let written = segments.allocate(ALIGN, Purpose::Write).expect("allocate");
+        segments.release(&[written]);
+        segments.seal_active();
+
+        disk.set_faults_enabled(true); // the disk is full from here on
+        let refused = segments.allocate(ALIGN, Purpose::Write);
+        assert!(matches!(refused, Err(Error::NoSpace { .. })), "{refused:?}");
+        assert!(
+            disk.open(&reserve).is_ok(),
+            "a write never takes the reserve"
+        );
+        let refused = segments.allocate(ALIGN, Purpose::Compaction);
+        assert!(matches!(refused, Err(Error::NoSpace { .. })), "{refused:?}");
+        assert!(
+            disk.open(&reserve).is_err(),
+            "compaction gave the reserve up"
+        );
+
+        assert!(segments.begin_compaction(written.segment));
+        segments.remove(written.segment).expect("remove");
+        segments.hold_reserve(); // what a compaction pass does after removing segments
+        assert!(disk.open(&segments.path(written.segment)).is_err());
+        let held = disk.open(&reserve).expect("the segment became the reserve");
+        assert_eq!(held.len_bytes().expect("len"), UNIT_BYTES);
+        let after_crash = disk.crash();
+        assert!(
+            after_crash.open(&reserve).is_ok(),
+            "durable: its directory was synced"
+        );
     }
 }
