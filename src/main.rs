@@ -93,6 +93,10 @@ struct ServeArgs {
     /// Do not pin shard threads to cores.
     #[arg(long)]
     no_pin: bool,
+    /// MiB per second each shard's compaction may copy (0: unpaced). Paced, moving live
+    /// blobs out of mostly dead segments leaves the disk to foreground reads and writes
+    #[arg(long, default_value_t = graviton::engine::COMPACTION_BYTES_PER_SEC >> 20)]
+    compaction_mib_per_sec: u64,
     /// Serve a data directory without O_DIRECT support (tmpfs) with buffered I/O.
     #[arg(long)]
     allow_buffered_io: bool,
@@ -170,6 +174,7 @@ fn serve(args: ServeArgs) -> Result<(), ClientError> {
         config.shards = shards.max(1);
     }
     config.pin_cores = !args.no_pin;
+    config.compaction_bytes_per_sec = Some(args.compaction_mib_per_sec << 20);
     config.allow_buffered_io = args.allow_buffered_io;
     let frontend_threads = args.frontend_threads.unwrap_or(cores / 2).max(1);
     let options = ServeOptions {

@@ -59,6 +59,7 @@ fn config() -> EngineConfig {
     config.read_buffers = 6;
     config.small_read_buffers = 16;
     config.compaction_interval = None;
+    config.compaction_bytes_per_sec = None; // pacing sleeps in real time: not deterministic
     config.inbox_depth = 64;
     config
 }

@@ -459,6 +459,7 @@ pub async fn open_shard<D: Disk>(disk: D, wiring: ShardWiring) -> Result<Rc<Shar
         small: Default::default(),
         closing: Cell::new(false),
         compaction: Default::default(),
+        compaction_pace: super::shard::Pacer::new(config.compaction_bytes_per_sec),
         config,
     }))
 }

@@ -32,7 +32,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use graviton_io::buf::{round_down_u64, round_up_u64};
@@ -167,6 +167,39 @@ pub struct Shard<D: Disk> {
     /// run one at a time, since a pass's list of live blobs goes stale when another
     /// pass moves them and removes their segments.
     pub(super) compaction: tokio::sync::Mutex<()>,
+    /// Paces compaction's copying ([`EngineConfig::compaction_bytes_per_sec`]).
+    pub(super) compaction_pace: Pacer,
+}
+
+/// Admits bytes at most at a given rate: each `admit` waits until the bytes admitted
+/// before it are due at that rate. No credit builds up while idle, so a pass that
+/// starts after a quiet spell starts at the rate, not in a burst.
+pub(super) struct Pacer {
+    bytes_per_sec: Option<u64>,
+    next: Cell<Option<Instant>>,
+}
+
+impl Pacer {
+    pub(super) fn new(bytes_per_sec: Option<u64>) -> Pacer {
+        Pacer {
+            bytes_per_sec: bytes_per_sec.filter(|&rate| rate > 0),
+            next: Cell::new(None),
+        }
+    }
+
+    async fn admit(&self, bytes: u64) {
+        let Some(rate) = self.bytes_per_sec else {
+            return;
+        };
+        let now = Instant::now();
+        let start = self.next.get().map_or(now, |next| next.max(now));
+        self.next.set(Some(
+            start + Duration::from_secs_f64(bytes as f64 / rate as f64),
+        ));
+        if start > now {
+            monoio::time::sleep(start - now).await;
+        }
+    }
 }
 
 impl<D: Disk> Shard<D> {
@@ -867,6 +900,7 @@ impl<D: Disk> Shard<D> {
             let copied: Result<Location> = async {
                 while at < stream_bytes {
                     let len = UNIT_BYTES.min(stream_bytes - at);
+                    self.compaction_pace.admit(len).await;
                     let buf = self.read_pool.take().await;
                     let buf = self.read_stream(&from, &source, at, len, buf).await?;
                     stream.push(buf.as_slice()).await?;
@@ -1136,5 +1170,36 @@ impl<S: std::ops::Deref<Target = Shard<D>>, D: Disk> StreamWriterOf<S, D> {
         }
         self.shard.segments.release(&self.extents);
         self.extents.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Bytes are admitted no faster than the rate (a lower bound on time, which a sleep
+    /// guarantees; no upper bound is asserted), and without a rate at once.
+    #[test]
+    fn the_pacer_admits_bytes_at_its_rate() {
+        let mut runtime = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            let paced = Pacer::new(Some(10 * UNIT_BYTES));
+            let start = Instant::now();
+            for _ in 0..4 {
+                paced.admit(UNIT_BYTES).await; // due at 0, 100, 200 and 300 ms
+            }
+            assert!(start.elapsed() >= Duration::from_millis(300));
+
+            for unpaced in [Pacer::new(None), Pacer::new(Some(0))] {
+                unpaced.admit(UNIT_BYTES).await;
+                assert!(
+                    unpaced.next.get().is_none(),
+                    "no rate: nothing is ever due later"
+                );
+            }
+        });
     }
 }

@@ -5,6 +5,12 @@
 //! - `seq-read`: that blob read back (O_DIRECT: from the device, not the page cache);
 //! - `put-4k`: `--small-count` distinct 4 KiB blobs put durably, `--concurrency` at once;
 //! - `get-4k`: those blobs read back, `--concurrency` at once, in random order;
+//! - `compaction`: `--compaction-bytes` of 1 MiB blobs written and two thirds of them
+//!   deleted (untimed); then a foreground load of 4 KiB gets (of the `put-4k` blobs)
+//!   and durable 4 KiB puts, half each, `--concurrency` at once, runs while every shard
+//!   compacts, and again for as long without compaction: what compaction costs the
+//!   foreground (the engine issue: space comes back "without stalling foreground reads
+//!   and writes");
 //! - `reopen`: a store of `--reopen-blobs` small blobs shut down and opened again.
 //!
 //! All content is random and distinct per blob, generated before timing. Each result is
@@ -13,6 +19,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -42,6 +49,13 @@ struct Args {
     /// Operations in flight for put-4k, get-4k and the reopen fill.
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
+    /// Bytes of 1 MiB blobs written for `compaction`, two thirds then deleted (0: skip).
+    #[arg(long, default_value_t = 1 << 30)]
+    compaction_bytes: u64,
+    /// MiB per second each shard's compaction may copy (0: unpaced; default: the
+    /// engine's).
+    #[arg(long)]
+    compaction_mib_per_sec: Option<u64>,
     /// Blobs in the store that `reopen` reopens (0: skip).
     #[arg(long, default_value_t = 1_000_000)]
     reopen_blobs: usize,
@@ -66,7 +80,10 @@ fn config(args: &Args) -> EngineConfig {
     if let Some(shards) = args.shards {
         config.shards = shards;
     }
-    config.compaction_interval = None; // nothing to compact; keep the figures clean
+    config.compaction_interval = None; // compaction runs only in its own scenario
+    if let Some(rate) = args.compaction_mib_per_sec {
+        config.compaction_bytes_per_sec = Some(rate << 20);
+    }
     config
 }
 
@@ -124,6 +141,153 @@ where
             .expect("record");
     }
     (start.elapsed(), latencies)
+}
+
+/// Latencies of the foreground load, by kind.
+struct Foreground {
+    elapsed: Duration,
+    gets: Histogram<u64>,
+    puts: Histogram<u64>,
+}
+
+impl Foreground {
+    fn json(&self) -> serde_json::Value {
+        let rate = |h: &Histogram<u64>| h.len() as f64 / self.elapsed.as_secs_f64();
+        json!({
+            "seconds": self.elapsed.as_secs_f64(),
+            "get": {"ops_per_s": rate(&self.gets), "latency": latency_json(&self.gets)},
+            "put": {"ops_per_s": rate(&self.puts), "latency": latency_json(&self.puts)},
+        })
+    }
+}
+
+/// A closed loop of `concurrency` workers, each doing a 4 KiB get of a random key of
+/// `keys` or a durable 4 KiB put of new content (every other operation), until `stop`
+/// is set. Put content is a window of `pool` at a fresh offset for every put: distinct
+/// blobs, generated before timing.
+async fn foreground(
+    engine: &Engine,
+    keys: &Arc<Vec<BlobKey>>,
+    pool: &Bytes,
+    next: &Arc<AtomicUsize>,
+    concurrency: usize,
+    stop: Arc<AtomicBool>,
+) -> Foreground {
+    let start = Instant::now();
+    let mut workers = Vec::new();
+    for worker in 0..concurrency {
+        let (engine, keys, pool, next, stop) = (
+            engine.clone(),
+            keys.clone(),
+            pool.clone(),
+            next.clone(),
+            stop.clone(),
+        );
+        workers.push(tokio::spawn(async move {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(worker as u64);
+            let mut gets = Histogram::<u64>::new(3).expect("histogram");
+            let mut puts = Histogram::<u64>::new(3).expect("histogram");
+            while !stop.load(Ordering::Relaxed) {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                let began = Instant::now();
+                if n % 2 == 0 {
+                    let key = &keys[rng.random_range(0..keys.len())];
+                    assert_eq!(read_len(&engine, key).await, 4096);
+                    gets.record(began.elapsed().as_micros().max(1) as u64)
+                } else {
+                    let at = n * 7;
+                    assert!(at + 4096 <= pool.len(), "put content pool exhausted");
+                    put(&engine, pool.slice(at..at + 4096)).await;
+                    puts.record(began.elapsed().as_micros().max(1) as u64)
+                }
+                .expect("record");
+            }
+            (gets, puts)
+        }));
+    }
+    let mut all = Foreground {
+        elapsed: Duration::ZERO,
+        gets: Histogram::new(3).expect("histogram"),
+        puts: Histogram::new(3).expect("histogram"),
+    };
+    for worker in workers {
+        let (gets, puts) = worker.await.expect("worker");
+        all.gets.add(gets).expect("merge");
+        all.puts.add(puts).expect("merge");
+    }
+    all.elapsed = start.elapsed();
+    all
+}
+
+/// The `compaction` scenario (see the module's docs); its result, and how many blobs it
+/// left stored.
+async fn compaction(
+    engine: &Engine,
+    args: &Args,
+    keys: &Arc<Vec<BlobKey>>,
+) -> (serde_json::Value, usize) {
+    // Untimed: 1 MiB blobs, sealed in their segments, two of every three deleted (each
+    // segment is then about a third live, under the default threshold of a half).
+    let mib = 1usize << 20;
+    let count = (args.compaction_bytes as usize).div_ceil(mib);
+    let pool = random_pool(64 << 20, 5);
+    let stored = Arc::new(std::sync::Mutex::new(Vec::with_capacity(count)));
+    concurrent(count, 8, |i| {
+        let at = (i * mib + i) % (pool.len() - mib); // shifted: no two blobs equal
+        let (engine, content, stored) = (engine.clone(), pool.slice(at..at + mib), stored.clone());
+        async move {
+            let key = put(&engine, content).await;
+            stored.lock().expect("stored").push(key);
+        }
+    })
+    .await;
+    engine.rotate().await.expect("seal the segments");
+    let stored = stored.lock().expect("stored").clone();
+    for key in stored
+        .iter()
+        .skip(1)
+        .step_by(3)
+        .chain(stored.iter().skip(2).step_by(3))
+    {
+        engine.delete(key).await.expect("delete");
+    }
+    // Put content for both foreground phases: 7 bytes apart, so 64 MiB covers over nine
+    // million distinct puts.
+    let puts_pool = random_pool(64 << 20, 6);
+    let next = Arc::new(AtomicUsize::new(0));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let compactor = {
+        let (engine, stop) = (engine.clone(), stop.clone());
+        tokio::spawn(async move {
+            let start = Instant::now();
+            let report = engine.compact().await.expect("compaction");
+            let elapsed = start.elapsed();
+            stop.store(true, Ordering::Relaxed);
+            (report, elapsed)
+        })
+    };
+    let during = foreground(engine, keys, &puts_pool, &next, args.concurrency, stop).await;
+    let (report, elapsed) = compactor.await.expect("compactor");
+    assert!(report.segments_removed > 0, "nothing compacted: {report:?}");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let timer = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(elapsed).await;
+            stop.store(true, Ordering::Relaxed);
+        })
+    };
+    let alone = foreground(engine, keys, &puts_pool, &next, args.concurrency, stop).await;
+    timer.await.expect("timer");
+    let left = count.div_ceil(3) + (during.puts.len() + alone.puts.len()) as usize;
+    let result = json!({"scenario": "compaction", "concurrency": args.concurrency,
+        "written_bytes": count * mib, "moved_bytes": report.bytes_moved,
+        "blobs_moved": report.blobs_moved, "segments_removed": report.segments_removed,
+        "seconds": elapsed.as_secs_f64(), "mib_per_s": mib_per_s(report.bytes_moved, elapsed),
+        "during": during.json(), "alone": alone.json()});
+    (result, left)
 }
 
 fn latency_json(latencies: &Histogram<u64>) -> serde_json::Value {
@@ -212,8 +376,14 @@ async fn run(args: Args) {
     report.add(json!({"scenario": "get-4k", "count": args.small_count, "concurrency": args.concurrency,
         "ops_per_s": args.small_count as f64 / elapsed.as_secs_f64(), "latency": latency_json(&latencies)}));
 
+    let mut stored = args.small_count + 1;
+    if args.compaction_bytes > 0 {
+        let (result, left) = compaction(&engine, &args, &keys).await;
+        report.add(result);
+        stored += left;
+    }
+
     // Reopen: fill to `reopen_blobs` small blobs (those above count), then time open.
-    let stored = args.small_count + 1;
     let more = args.reopen_blobs.saturating_sub(stored);
     if args.reopen_blobs > 0 {
         let tiny = random_pool(more + 256, 4);
