@@ -21,7 +21,9 @@
 //!   stream, checks every chunk's CRC, and sends slices of its buffers as `Bytes`. A
 //!   small blob is read in one piece before the answer, which carries its bytes.
 //! - **Compaction** ([`Shard::compact`]): a shard copies the live blobs out of its sealed,
-//!   mostly dead segments, has their owners journal the move, and removes the segment.
+//!   mostly dead segments at a paced rate, has their owners journal the moves (in
+//!   batches: one fdatasync and one group commit for up to [`EVACUATE_BATCH_BLOBS`]
+//!   blobs), and removes the segment.
 //!
 //! Faults: a failed write fails the upload (nothing is visible); a failed fdatasync
 //! poisons the shard (no more writes, reads go on); a full disk fails uploads with
@@ -57,6 +59,10 @@ const WRITES_IN_FLIGHT: usize = 8;
 const READS_IN_FLIGHT: usize = 4;
 /// Streams up to this size are read with one small buffer.
 const SMALL_READ_BYTES: u64 = 64 * 1024;
+/// Compaction asks owners to journal its moves once this many blobs were copied…
+const EVACUATE_BATCH_BLOBS: usize = 256;
+/// …or this many bytes: what a crash or error at most makes it copy again.
+const EVACUATE_BATCH_BYTES: u64 = 32 * UNIT_BYTES;
 /// Largest piece allocated at once for an upload of undeclared size.
 const UNDECLARED_PIECE_BYTES_MAX: u64 = 64 * UNIT_BYTES;
 
@@ -885,62 +891,131 @@ impl<D: Disk> Shard<D> {
         Ok(report)
     }
 
-    /// Copies each blob to fresh extents and has its owner move it there.
+    /// Copies each blob to fresh extents and has its owner move it there, in batches:
+    /// the batch's destination segments are synced once, then every owner is asked at
+    /// once, so that its journal commits the moves together (one fdatasync and one group
+    /// commit per batch instead of per blob).
     async fn evacuate(
         &self,
         blobs: Vec<(BlobKey, Location)>,
         report: &mut CompactionReport,
     ) -> Result<()> {
+        let mut batch: Vec<Copied> = Vec::new();
+        let mut batch_bytes = 0;
         for (key, from) in blobs {
-            self.check_writable()?;
-            let stream_bytes = from.stream_bytes();
-            let source = OpenFiles::open(&self.segments, &from)?;
-            let mut stream = StreamWriterRef::new(self, Some(stream_bytes), Purpose::Compaction);
-            let mut at = 0;
-            let copied: Result<Location> = async {
-                while at < stream_bytes {
-                    let len = UNIT_BYTES.min(stream_bytes - at);
-                    self.compaction_pace.admit(len).await;
-                    let buf = self.read_pool.take().await;
-                    let buf = self.read_stream(&from, &source, at, len, buf).await?;
-                    stream.push(buf.as_slice()).await?;
-                    at += len;
+            match self.copy_out(&from).await {
+                Ok(to) => {
+                    batch_bytes += to.stream_bytes();
+                    batch.push(Copied { key, from, to });
                 }
-                stream.finish(stream_bytes).await
-            }
-            .await;
-            let to = match copied {
-                Ok(to) => to,
                 Err(error) => {
-                    stream.abandon().await;
+                    // Copies no record names yet: dead space, reclaimed like any other.
+                    for copied in &batch {
+                        self.segments.release(&copied.to.extents);
+                    }
                     return Err(error);
                 }
-            };
-            let moved = async {
-                for segment in distinct_segments(&to) {
-                    self.segments.sync(segment).await?;
-                }
-                let (reply, answer) = oneshot::channel();
-                self.peers[key.owner(self.count)]
-                    .send(Request::Relocate {
-                        key,
-                        from,
-                        to: to.clone(),
-                        reply,
-                    })
-                    .await
-                    .map_err(|_| Error::ShuttingDown)?;
-                answer.await.map_err(|_| Error::ShuttingDown)?
             }
-            .await;
-            self.release_unless_in_doubt(&to, &moved);
-            if moved? {
-                report.blobs_moved += 1;
-                report.bytes_moved += stream_bytes;
+            if batch.len() >= EVACUATE_BATCH_BLOBS || batch_bytes >= EVACUATE_BATCH_BYTES {
+                self.relocate_batch(std::mem::take(&mut batch), report)
+                    .await?;
+                batch_bytes = 0;
             }
         }
-        Ok(())
+        self.relocate_batch(batch, report).await
     }
+
+    /// Copies one blob's stream (data and CRCs, as stored) to fresh extents of this
+    /// shard; on error nothing of the copy is left in flight.
+    async fn copy_out(&self, from: &Location) -> Result<Location> {
+        self.check_writable()?;
+        let stream_bytes = from.stream_bytes();
+        let source = OpenFiles::open(&self.segments, from)?;
+        let mut stream = StreamWriterRef::new(self, Some(stream_bytes), Purpose::Compaction);
+        let mut at = 0;
+        let copied: Result<Location> = async {
+            while at < stream_bytes {
+                let len = UNIT_BYTES.min(stream_bytes - at);
+                self.compaction_pace.admit(len).await;
+                let buf = self.read_pool.take().await;
+                let buf = self.read_stream(from, &source, at, len, buf).await?;
+                stream.push(buf.as_slice()).await?;
+                at += len;
+            }
+            stream.finish(stream_bytes).await
+        }
+        .await;
+        if copied.is_err() {
+            stream.abandon().await;
+        }
+        copied
+    }
+
+    /// Makes a batch of copies durable and has their owners journal the moves; every
+    /// blob's extents are released as its own answer says (`release_unless_in_doubt`).
+    /// The first error, after every answer was taken.
+    async fn relocate_batch(
+        &self,
+        batch: Vec<Copied>,
+        report: &mut CompactionReport,
+    ) -> Result<()> {
+        let mut segments: Vec<SegmentId> = Vec::new();
+        for segment in batch
+            .iter()
+            .flat_map(|copied| distinct_segments(&copied.to))
+        {
+            if !segments.contains(&segment) {
+                segments.push(segment);
+            }
+        }
+        for segment in segments {
+            if let Err(error) = self.segments.sync(segment).await {
+                let failed = Err::<(), _>(error);
+                for copied in &batch {
+                    self.release_unless_in_doubt(&copied.to, &failed);
+                }
+                return failed;
+            }
+        }
+        let mut answers = Vec::with_capacity(batch.len());
+        for copied in &batch {
+            let (reply, answer) = oneshot::channel();
+            let request = Request::Relocate {
+                key: copied.key,
+                from: copied.from.clone(),
+                to: copied.to.clone(),
+                reply,
+            };
+            let sent = self.peers[copied.key.owner(self.count)].send(request).await;
+            answers.push(sent.map(|()| answer));
+        }
+        let mut first_error = None;
+        for (copied, answer) in batch.iter().zip(answers) {
+            let moved = match answer {
+                Ok(answer) => answer.await.unwrap_or(Err(Error::ShuttingDown)),
+                Err(_) => Err(Error::ShuttingDown),
+            };
+            self.release_unless_in_doubt(&copied.to, &moved);
+            match moved {
+                Ok(true) => {
+                    report.blobs_moved += 1;
+                    report.bytes_moved += copied.to.stream_bytes();
+                }
+                Ok(false) => {} // deleted or moved meanwhile: the copy is dead space
+                Err(error) => {
+                    first_error.get_or_insert(error);
+                }
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+/// A blob compaction copied and whose owner has not yet journaled the move.
+struct Copied {
+    key: BlobKey,
+    from: Location,
+    to: Location,
 }
 
 /// The segment files of a blob's location, open, so that the blob stays readable for
