@@ -220,8 +220,7 @@ pub fn dio_alignment(file: &fs::File) -> Option<usize> {
 /// Whether `dir` is on tmpfs (statfs `f_type == TMPFS_MAGIC`).
 fn is_tmpfs(dir: &Path) -> io::Result<bool> {
     const TMPFS_MAGIC: i64 = 0x0102_1994;
-    let path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))?;
+    let path = c_path(dir)?;
     // SAFETY: statfs is plain old data; all-zero is a valid value.
     #[allow(unsafe_code)]
     let mut stats: libc::statfs = unsafe { std::mem::zeroed() };
@@ -235,12 +234,14 @@ fn is_tmpfs(dir: &Path) -> io::Result<bool> {
     Ok(stats.f_type as i64 == TMPFS_MAGIC)
 }
 
+/// A path as the C string libc calls take.
+fn c_path(path: &Path) -> io::Result<std::ffi::CString> {
+    std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))
+}
+
 /// `renameat2(RENAME_NOREPLACE)`: fails with `EEXIST` rather than replace `to`.
 fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
-    let c_path = |path: &Path| {
-        std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))
-    };
     let (from, to) = (c_path(from)?, c_path(to)?);
     // SAFETY: both paths are valid C strings that live for the duration of the call;
     // AT_FDCWD makes relative paths relative to the working directory, as std's are.
@@ -456,19 +457,29 @@ mod tests {
         );
     }
 
+    /// A fresh directory for one test, under the workspace's target directory: /tmp may
+    /// be tmpfs, which has no O_DIRECT.
+    fn test_dir(name: &str) -> PathBuf {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../target/io-tests")
+            .join(format!("{name}-{}", std::process::id()));
+        fs::create_dir_all(&dir).expect("dir");
+        dir
+    }
+
+    /// A monoio runtime for the test's file operations.
+    fn runtime() -> monoio::Runtime<monoio::LegacyDriver> {
+        monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .build()
+            .expect("runtime")
+    }
+
     /// A durable write goes through the second (`O_DSYNC`) descriptor and reads back
     /// through the first, beside an ordinary write to the same file.
     #[test]
     fn durable_and_plain_writes_read_back() {
-        // Under the workspace's target directory: /tmp may be tmpfs, which has no O_DIRECT.
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../target/io-tests")
-            .join(format!("dsync-{}", std::process::id()));
-        fs::create_dir_all(&dir).expect("dir");
-        let mut runtime = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
-            .build()
-            .expect("runtime");
-        runtime.block_on(async {
+        let dir = test_dir("dsync");
+        runtime().block_on(async {
             let disk = DirectDisk::probe(&dir, IoMode::Direct).expect("direct I/O");
             let file = disk.create(&dir.join("f"), 3 * 4096).expect("create");
             let filled = |byte: u8| {
@@ -499,16 +510,10 @@ mod tests {
 
     #[test]
     fn rename_moves_a_name_and_never_replaces_one() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../target/io-tests")
-            .join(format!("rename-{}", std::process::id()));
-        fs::create_dir_all(&dir).expect("dir");
+        let dir = test_dir("rename");
         let disk = DirectDisk::probe(&dir, IoMode::Direct).expect("direct I/O");
         let (a, b, c) = (dir.join("a"), dir.join("b"), dir.join("c"));
-        let mut runtime = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
-            .build()
-            .expect("runtime");
-        runtime.block_on(async {
+        runtime().block_on(async {
             disk.create(&a, 4096).expect("create a");
             disk.create(&b, 8192).expect("create b");
         });
