@@ -97,6 +97,11 @@ struct ServeArgs {
     /// blobs out of mostly dead segments leaves the disk to foreground reads and writes
     #[arg(long, default_value_t = graviton::engine::COMPACTION_BYTES_PER_SEC >> 20)]
     compaction_mib_per_sec: u64,
+    /// Emptied segments each shard keeps to reuse, at most (0: remove them at once).
+    /// Reusing one spares freeing its blocks, which stalled writes on ext4 mounted
+    /// `discard`; the store keeps up to this many segments of disk per shard
+    #[arg(long, default_value_t = graviton::engine::FREE_SEGMENTS_MAX)]
+    free_segments_max: usize,
     /// Serve a data directory without O_DIRECT support (tmpfs) with buffered I/O.
     #[arg(long)]
     allow_buffered_io: bool,
@@ -175,6 +180,7 @@ fn serve(args: ServeArgs) -> Result<(), ClientError> {
     }
     config.pin_cores = !args.no_pin;
     config.compaction_bytes_per_sec = Some(args.compaction_mib_per_sec << 20);
+    config.free_segments_max = args.free_segments_max;
     config.allow_buffered_io = args.allow_buffered_io;
     let frontend_threads = args.frontend_threads.unwrap_or(cores / 2).max(1);
     let options = ServeOptions {

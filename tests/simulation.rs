@@ -571,18 +571,28 @@ async fn verify(engine: &Engine, model: &Model, seed: u64, life: usize, rot: boo
     }
 }
 
-/// Bytes of segment files on the simulated disk.
+/// Bytes of segment files on the simulated disk. Free segments (kept for reuse) are
+/// not counted: each shard may keep up to `free_segments_max`, which this asserts.
 fn segment_bytes_on_disk(disk: &SimDisk) -> u64 {
     let mut total = 0;
     for shard in 0..SHARDS {
         let dir = Path::new("/sim").join(format!("shard-{shard:03}"));
-        for name in disk.list(&dir).unwrap_or_default() {
-            if name.ends_with(".dat") {
+        let names = disk.list(&dir).unwrap_or_default();
+        for name in &names {
+            if name.starts_with("seg-") {
                 total +=
                     graviton_io::DiskFile::len_bytes(&disk.open(&dir.join(name)).expect("open"))
                         .expect("len");
             }
         }
+        let free = names
+            .iter()
+            .filter(|name| name.starts_with(graviton::engine::format::FREE_PREFIX))
+            .count();
+        assert!(
+            free <= config().free_segments_max,
+            "shard {shard} keeps {free} free segments"
+        );
     }
     total
 }

@@ -5,7 +5,9 @@
 //! buffers, `fdatasync`, and a few namespace operations. Namespace operations (open,
 //! create with preallocation, remove, list, directory sync) are plain blocking system
 //! calls: they are rare (a segment every few hundred MiB) and cheap, and keeping them
-//! synchronous lets the engine open a file in the same step as it looks it up.
+//! synchronous lets the engine open a file in the same step as it looks it up. The one
+//! that is not cheap, giving a removed file's blocks back (145–270 ms for a 256 MiB
+//! segment on this VM), happens on the [`reaper`]'s thread, never the caller's.
 //!
 //! Guarantees of [`DirectDisk`]:
 //! - data files are opened `O_DIRECT` (unless [`IoMode::Buffered`] was chosen
@@ -29,6 +31,7 @@ use std::rc::Rc;
 use monoio::buf::IoBufMut;
 
 use crate::buf::{AlignedBuf, BUF_ALIGN};
+use crate::reaper;
 
 /// A namespace of files: a real directory tree, or the simulator's.
 pub trait Disk: Clone + 'static {
@@ -50,6 +53,10 @@ pub trait Disk: Clone + 'static {
     fn sync_dir(&self, dir: &Path) -> io::Result<()>;
     /// Alignment every offset, length and buffer address must have.
     fn alignment(&self) -> usize;
+    /// Waits until files removed before this call, with no handle open, have their
+    /// space back with the file system. [`DirectDisk`] frees removed files in the
+    /// background ([`reaper`]); a caller that needs the space waits here.
+    fn released(&self) -> impl Future<Output = ()>;
 }
 
 /// An open file. Operations take and return owned buffers.
@@ -294,8 +301,24 @@ impl Disk for DirectDisk {
         DirectFile::new(std, path, self.mode == IoMode::Direct)
     }
 
+    /// Unlinks the name while holding a reference to the file, then hands the
+    /// reference to the [`reaper`]: the blocks go back to the file system on its thread
+    /// (or on whichever thread drops the file's last handle: a [`DirectFile`]'s go to
+    /// the reaper too), not on the caller's.
     fn remove(&self, path: &Path) -> io::Result<()> {
-        fs::remove_file(path)
+        let held = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH | libc::O_NOFOLLOW)
+            .open(path);
+        fs::remove_file(path)?;
+        if let Ok(held) = held {
+            reaper::release(held.into());
+        }
+        Ok(())
+    }
+
+    async fn released(&self) {
+        reaper::released().await
     }
 
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
@@ -329,24 +352,46 @@ impl Disk for DirectDisk {
 
 /// A file of a [`DirectDisk`]: a monoio file (shared by the shard's tasks), and, once
 /// a durable write asks for it, a second descriptor of the same file opened `O_DSYNC`.
+/// Clones share the descriptors; when the last clone is dropped they go to the
+/// [`reaper`], so that closing them never frees a removed file's blocks on this thread.
 #[derive(Clone)]
 pub struct DirectFile {
-    file: Rc<monoio::fs::File>,
-    dsync: Rc<std::cell::OnceCell<monoio::fs::File>>,
+    handles: Rc<Handles>,
+}
+
+struct Handles {
+    file: monoio::fs::File,
+    dsync: std::cell::OnceCell<monoio::fs::File>,
     direct: bool,
-    len_probe: Rc<fs::File>,
-    path: Rc<PathBuf>,
+    path: PathBuf,
+}
+
+impl Drop for Handles {
+    fn drop(&mut self) {
+        let descriptors = std::iter::once(&self.file).chain(self.dsync.get());
+        for fd in descriptors.map(AsRawFd::as_raw_fd) {
+            match reaper::detach(fd) {
+                Ok(kept) => reaper::release(kept),
+                // monoio's close will be the last reference, as without a reaper
+                Err(error) => tracing::warn!(
+                    path = %self.path.display(),
+                    %error,
+                    "could not hand a descriptor to the reaper; it is closed here"
+                ),
+            }
+        }
+    }
 }
 
 impl DirectFile {
     fn new(std: fs::File, path: &Path, direct: bool) -> io::Result<DirectFile> {
-        let len_probe = std.try_clone()?;
         Ok(DirectFile {
-            file: Rc::new(monoio::fs::File::from_std(std)?),
-            dsync: Rc::default(),
-            direct,
-            len_probe: Rc::new(len_probe),
-            path: Rc::new(path.to_path_buf()),
+            handles: Rc::new(Handles {
+                file: monoio::fs::File::from_std(std)?,
+                dsync: std::cell::OnceCell::new(),
+                direct,
+                path: path.to_path_buf(),
+            }),
         })
     }
 
@@ -354,21 +399,22 @@ impl DirectFile {
     /// that are still under their names (it removes a file only once nothing writes to
     /// it), so opening by path reaches this file.
     fn dsync(&self) -> io::Result<&monoio::fs::File> {
-        if let Some(file) = self.dsync.get() {
+        let handles = &*self.handles;
+        if let Some(file) = handles.dsync.get() {
             return Ok(file);
         }
-        let direct = if self.direct { libc::O_DIRECT } else { 0 };
+        let direct = if handles.direct { libc::O_DIRECT } else { 0 };
         let std = OpenOptions::new()
             .read(true)
             .write(true)
             .custom_flags(libc::O_DSYNC | direct)
-            .open(&*self.path)?;
+            .open(&handles.path)?;
         let file = monoio::fs::File::from_std(std)?;
-        Ok(self.dsync.get_or_init(|| file))
+        Ok(handles.dsync.get_or_init(|| file))
     }
 
     pub fn path(&self) -> &Path {
-        &self.path
+        &self.handles.path
     }
 }
 
@@ -385,14 +431,14 @@ impl DiskFile for DirectFile {
             "read of {len} bytes overflows the buffer"
         );
         let slice = buf.slice_mut(start..start + len);
-        let (result, slice) = self.file.read_exact_at(slice, offset).await;
+        let (result, slice) = self.handles.file.read_exact_at(slice, offset).await;
         let mut buf = slice.into_inner();
         buf.set_len(if result.is_ok() { start + len } else { start });
         (result, buf)
     }
 
     async fn write_at(&self, buf: AlignedBuf, offset: u64) -> (io::Result<()>, AlignedBuf) {
-        self.file.write_all_at(buf, offset).await
+        self.handles.file.write_all_at(buf, offset).await
     }
 
     async fn write_at_durable(&self, buf: AlignedBuf, offset: u64) -> (io::Result<()>, AlignedBuf) {
@@ -403,11 +449,22 @@ impl DiskFile for DirectFile {
     }
 
     async fn sync_data(&self) -> io::Result<()> {
-        self.file.sync_data().await
+        self.handles.file.sync_data().await
     }
 
     fn len_bytes(&self) -> io::Result<u64> {
-        Ok(self.len_probe.metadata()?.len())
+        let fd = self.handles.file.as_raw_fd();
+        let mut stat = std::mem::MaybeUninit::<libc::stat>::uninit();
+        #[allow(unsafe_code)]
+        // SAFETY: `fd` is open for as long as `self.handles` lives, and `fstat` writes
+        // one `struct stat` into `stat`, which is read only after it succeeded.
+        let stat = unsafe {
+            if libc::fstat(fd, stat.as_mut_ptr()) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            stat.assume_init()
+        };
+        Ok(stat.st_size as u64)
     }
 }
 
@@ -525,6 +582,64 @@ mod tests {
         assert_eq!(fs::metadata(&c).expect("c").len(), 4096);
         let missing = disk.rename(&a, &dir.join("d")).expect_err("a is gone");
         assert_eq!(missing.kind(), io::ErrorKind::NotFound);
+        fs::remove_dir_all(&dir).expect("clean up");
+    }
+
+    /// Bytes free on the file system of `dir`.
+    fn free_bytes(dir: &Path) -> u64 {
+        let path = c_path(dir).expect("path");
+        let mut stat = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+        #[allow(unsafe_code)]
+        // SAFETY: `path` is a NUL-terminated string that outlives the call; `statvfs`
+        // fills `stat`, which is read only after it succeeded.
+        let stat = unsafe {
+            assert_eq!(libc::statvfs(path.as_ptr(), stat.as_mut_ptr()), 0);
+            stat.assume_init()
+        };
+        stat.f_bavail as u64 * stat.f_frsize as u64
+    }
+
+    /// A removed file keeps its space while a handle is open; when the last handle is
+    /// dropped, its descriptors go to the reaper, and once `released` returns the space
+    /// is back. (Run on the workspace's file system: other writers there can only make
+    /// the free space drift by far less than the 256 MiB looked for.)
+    #[test]
+    fn a_removed_file_is_freed_by_the_reaper_after_its_last_handle() {
+        const LEN: u64 = 256 << 20;
+        let dir = test_dir("reaper");
+        let disk = DirectDisk::probe(&dir, IoMode::Direct).expect("direct I/O");
+        let path = dir.join("segment");
+        runtime().block_on(async {
+            let start = free_bytes(&dir);
+            let file = disk.create(&path, LEN).expect("create");
+            let mut buf = AlignedBuf::zeroed(4096);
+            buf.extend_from_slice(&[7; 4096]);
+            let (result, _) = file.write_at_durable(buf, 0).await; // opens the O_DSYNC one
+            result.expect("write");
+            let clone = file.clone();
+            assert!(start - free_bytes(&dir) > LEN / 2, "preallocated");
+
+            disk.remove(&path).expect("remove");
+            disk.released().await;
+            assert!(!path.exists(), "the name is gone");
+            assert!(start - free_bytes(&dir) > LEN / 2, "still open: not freed");
+            let (result, buf) = clone.read_at(AlignedBuf::zeroed(4096), 0, 4096).await;
+            result.expect("a removed file reads through an open handle");
+            assert_eq!(buf.as_slice(), &[7; 4096]);
+
+            let closed = reaper::closed_count();
+            drop(file);
+            drop(clone);
+            disk.released().await;
+            assert!(
+                reaper::closed_count() >= closed + 2,
+                "both descriptors (plain and O_DSYNC) were closed by the reaper"
+            );
+            assert!(
+                start.abs_diff(free_bytes(&dir)) < LEN / 2,
+                "the space is back once released"
+            );
+        });
         fs::remove_dir_all(&dir).expect("clean up");
     }
 

@@ -7,6 +7,8 @@
 //! - [`disk`]: the small file interface the storage engine is written against ([`Disk`],
 //!   [`DiskFile`]), and its real implementation, [`DirectDisk`]: files opened `O_DIRECT`
 //!   and driven by the shard's monoio ring (io_uring, or the epoll fallback).
+//! - [`reaper`]: the background thread that closes files' last descriptors, so that
+//!   freeing a removed file's blocks never stalls a shard thread.
 //! - [`sim`]: a deterministic in-memory implementation of the same interface that can
 //!   fail, tear, reorder and drop unsynced writes on a seed, for crash testing.
 //! - [`shard`]: the shard thread: pinning, runtime and ring start-up, driver reporting.
@@ -17,6 +19,7 @@
 
 pub mod buf;
 pub mod disk;
+pub mod reaper;
 pub mod shard;
 pub mod sim;
 

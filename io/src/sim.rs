@@ -279,6 +279,9 @@ fn eio(what: &str) -> io::Error {
 impl Disk for SimDisk {
     type File = SimFile;
 
+    /// Removal frees at once here: nothing to wait for.
+    async fn released(&self) {}
+
     fn open(&self, path: &Path) -> io::Result<SimFile> {
         let fs = self.fs.borrow();
         let data = fs.visible.get(path).ok_or_else(|| {

@@ -4,11 +4,17 @@
 //! # Files
 //!
 //! A data directory holds one directory per shard, `shard-NNN/`, with three kinds of
-//! files, and a fourth without content: the shard's space reserve [`RESERVE_FILE`], a
-//! preallocated file as large as a segment that compaction gives up to make room on a
-//! full disk (`segments.rs`); a segment compaction emptied may be renamed to it, so
-//! its content is stale blob bytes or zeros, and is never read. All integers are little-endian. All offsets and lengths
-//! of I/O are multiples of [`ALIGN`] (4096).
+//! files, and two more without content (`segments.rs`):
+//! - the shard's space reserve [`RESERVE_FILE`], a preallocated file as large as a
+//!   segment that becomes a segment for compaction on a full disk;
+//! - free segments `free-seg-….dat` ([`FREE_PREFIX`]): segments compaction emptied,
+//!   kept to become new segments under a new name, so that their blocks are not freed
+//!   and allocated again.
+//!
+//! A file that compaction emptied may be renamed to either, so their content is stale
+//! blob bytes or zeros, and is never read; after it becomes a segment again, only the
+//! records written from then on name places in it. All integers are little-endian. All
+//! offsets and lengths of I/O are multiples of [`ALIGN`] (4096).
 //!
 //! **Segments** `seg-SSSS-QQQQQQQQQQQQ.dat` (S: writer shard, Q: sequence, hex) hold blob
 //! data. A segment is preallocated to its full size and written only by its shard, by
@@ -520,6 +526,10 @@ pub fn checkpoint_file_name(generation: u64) -> String {
 /// Name of a shard's space reserve, in its directory. Its content means nothing: zeros,
 /// or the stale bytes of a segment that compaction emptied and renamed to it.
 pub const RESERVE_FILE: &str = "space-reserve";
+
+/// Prefix of a free segment's name: `free-` and the name it had as a segment. Its
+/// content means nothing, as the reserve's.
+pub const FREE_PREFIX: &str = "free-";
 
 /// Parses `journal-G.log` or `checkpoint-G.idx`.
 pub fn parse_generation(name: &str, prefix: &str, suffix: &str) -> Option<u64> {

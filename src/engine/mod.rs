@@ -57,6 +57,10 @@ pub const SMALL_BLOB_BYTES_MAX: u64 = small::BATCH_BYTES_MAX / 2;
 /// Default of [`EngineConfig::compaction_bytes_per_sec`], per shard.
 pub const COMPACTION_BYTES_PER_SEC: u64 = 16 * 1024 * 1024;
 
+/// Default of [`EngineConfig::free_segments_max`]: 1 GiB of disk per shard with 256 MiB
+/// segments.
+pub const FREE_SEGMENTS_MAX: usize = 4;
+
 /// How to run the engine. [`EngineConfig::new`] gives the defaults.
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
@@ -98,6 +102,10 @@ pub struct EngineConfig {
     /// can. Unpaced, moving 1 MiB blobs at 135 MiB/s cut a foreground load of 4 KiB gets
     /// and puts to a quarter of its rate, put p99 13 → 171 ms (BENCHMARKS.md).
     pub compaction_bytes_per_sec: Option<u64>,
+    /// Segments compaction emptied that each shard keeps to reuse, at most: their
+    /// blocks stay allocated to the store (up to this many segments' worth per shard)
+    /// instead of being freed and allocated again. 0: every emptied segment is removed.
+    pub free_segments_max: usize,
 }
 
 impl EngineConfig {
@@ -121,6 +129,7 @@ impl EngineConfig {
             compaction_interval: Some(Duration::from_secs(10)),
             compaction_live_ratio: 0.5,
             compaction_bytes_per_sec: Some(COMPACTION_BYTES_PER_SEC),
+            free_segments_max: FREE_SEGMENTS_MAX,
         }
     }
 }

@@ -418,8 +418,11 @@ pub async fn open_shard<D: Disk>(disk: D, wiring: ShardWiring) -> Result<Rc<Shar
     };
 
     let mut existing = Vec::new();
+    let mut free = Vec::new();
     for name in &names {
-        if let Some(id) = SegmentId::parse_file_name(name) {
+        if name.starts_with(format::FREE_PREFIX) {
+            free.push(dir.join(name));
+        } else if let Some(id) = SegmentId::parse_file_name(name) {
             if id.writer() == wiring.id {
                 let path = dir.join(name);
                 let size = disk
@@ -434,8 +437,9 @@ pub async fn open_shard<D: Disk>(disk: D, wiring: ShardWiring) -> Result<Rc<Shar
         disk.clone(),
         wiring.id,
         &wiring.root,
-        config.segment_bytes,
+        (config.segment_bytes, config.free_segments_max),
         existing,
+        free,
         poisoned.clone(),
     );
     segments.hold_reserve();

@@ -14,11 +14,16 @@
 //! - a full disk can still be compacted: each shard holds a *space reserve*, a
 //!   preallocated file ([`RESERVE_FILE`]) as large as a segment. Writes never use it;
 //!   when compaction cannot create the segment it moves blobs into because the disk is
-//!   full, the reserve is given up for it. Without one, deleting blobs on a full disk
+//!   full, the reserve becomes that segment. Without one, deleting blobs on a full disk
 //!   could never free space: compaction frees a segment only by first copying its live
 //!   blobs into a new one. The first segment compaction then frees becomes the new
 //!   reserve (renamed, so no other shard can take its space first); failing that, a
-//!   reserve is allocated again once compaction has freed space.
+//!   reserve is allocated again once compaction has freed space;
+//! - a segment compaction empties is *recycled* (kept as a free segment, up to
+//!   `free_segments_max`, and renamed to the next new segment) only if no read of it is
+//!   open on any shard ([`Segments::lease`]): a read that began before its blob moved
+//!   keeps reading the old place, which a new segment would overwrite. Otherwise, or
+//!   beyond the limit, it is removed, and open handles keep its bytes readable.
 
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -30,7 +35,7 @@ use graviton_io::Disk;
 use graviton_io::DiskFile;
 
 use super::error::{Error, Result};
-use super::format::{Extent, SegmentId, ALIGN, RESERVE_FILE, UNIT_BYTES};
+use super::format::{Extent, SegmentId, ALIGN, FREE_PREFIX, RESERVE_FILE, UNIT_BYTES};
 use super::signal::Signal;
 
 /// What extents are allocated for: only compaction may draw on the space reserve.
@@ -53,8 +58,22 @@ pub struct Segments<D: Disk> {
     root: PathBuf,
     dir: PathBuf,
     capacity_bytes: u64,
+    /// Compacted segments kept for reuse at most.
+    free_max: usize,
     poisoned: Rc<Cell<bool>>,
     state: RefCell<State<D::File>>,
+    /// Open reads of each segment ([`Segments::lease`]).
+    readers: Rc<RefCell<HashMap<SegmentId, u32>>>,
+}
+
+/// What a compacted segment's file becomes ([`Segments::remove`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Retire {
+    /// Kept under a new name for a later segment, if fewer than the most are kept:
+    /// only when no read can still need its bytes.
+    Recycle,
+    /// Removed: its bytes stay readable through handles still open.
+    Remove,
 }
 
 struct State<F> {
@@ -68,6 +87,8 @@ struct State<F> {
     syncs: HashMap<SegmentId, Rc<GroupSync>>,
     /// Whether this shard's space reserve file exists.
     reserve_held: bool,
+    /// Compacted segments kept for reuse ([`FREE_PREFIX`]), at most `free_max`.
+    free: Vec<PathBuf>,
 }
 
 struct Active {
@@ -78,13 +99,15 @@ struct Active {
 
 impl<D: Disk> Segments<D> {
     /// The segment manager of shard `shard`, whose existing segments are `existing`
-    /// (id, size): all sealed; new extents go to a new segment.
+    /// (id, size): all sealed; new extents go to a new segment. `free` are the files kept
+    /// for reuse found in the shard's directory; those beyond `free_max` are removed.
     pub fn new(
         disk: D,
         shard: usize,
         root: &Path,
-        capacity_bytes: u64,
+        (capacity_bytes, free_max): (u64, usize),
         existing: Vec<(SegmentId, u64)>,
+        mut free: Vec<PathBuf>,
         poisoned: Rc<Cell<bool>>,
     ) -> Segments<D> {
         assert!(capacity_bytes >= UNIT_BYTES && capacity_bytes.is_multiple_of(UNIT_BYTES));
@@ -93,13 +116,18 @@ impl<D: Disk> Segments<D> {
             .map(|(id, _)| id.sequence() + 1)
             .max()
             .unwrap_or(1);
+        for extra in free.drain(free.len().min(free_max)..) {
+            let _ = disk.remove(&extra);
+        }
         Segments {
             disk,
             shard,
             root: root.to_path_buf(),
             dir: root.join(shard_dir_name(shard)),
             capacity_bytes,
+            free_max,
             poisoned,
+            readers: Rc::default(),
             state: RefCell::new(State {
                 active: None,
                 next_sequence,
@@ -109,6 +137,7 @@ impl<D: Disk> Segments<D> {
                 files: HashMap::new(),
                 syncs: HashMap::new(),
                 reserve_held: false,
+                free,
             }),
         }
     }
@@ -157,11 +186,15 @@ impl<D: Disk> Segments<D> {
                 .create(&path, self.capacity_bytes)
                 .map_err(|e| Error::io("create segment", &path, 0, e))
         };
-        let file = match create() {
-            Err(Error::NoSpace { .. })
-                if purpose == Purpose::Compaction && self.give_up_reserve(state) =>
+        let file = match self.reuse_free(state, &path) {
+            Some(file) => Ok(file),
+            None => create(),
+        };
+        let file = match file {
+            Err(full @ Error::NoSpace { .. })
+                if purpose == Purpose::Compaction && state.reserve_held =>
             {
-                create()
+                self.reserve_as_segment(state, &path, full)
             }
             created => created,
         }?;
@@ -225,6 +258,24 @@ impl<D: Disk> Segments<D> {
         Ok(file)
     }
 
+    /// Counts an open read of each of `segments` until the lease is dropped: a segment
+    /// with open reads is removed, not recycled, when compaction retires it.
+    pub fn lease(&self, segments: Vec<SegmentId>) -> Lease {
+        let mut readers = self.readers.borrow_mut();
+        for segment in &segments {
+            *readers.entry(*segment).or_default() += 1;
+        }
+        Lease {
+            readers: self.readers.clone(),
+            segments,
+        }
+    }
+
+    /// Whether a read of `segment` is open on this shard.
+    pub fn is_read(&self, segment: SegmentId) -> bool {
+        self.readers.borrow().contains_key(&segment)
+    }
+
     /// Forgets the cached handle of a segment that is being removed.
     pub fn forget(&self, segment: SegmentId) {
         let mut state = self.state.borrow_mut();
@@ -271,13 +322,18 @@ impl<D: Disk> Segments<D> {
         self.state.borrow_mut().compacting.remove(&segment);
     }
 
-    /// Removes a compacted segment's file and makes the removal durable.
+    /// Retires a compacted segment's file and makes that durable. With
+    /// [`Retire::Recycle`] (no read can still need its bytes) and a segment's full size,
+    /// the file is renamed, so its blocks never go back to the file system:
+    /// - to the space reserve, if the shard holds none (compaction used it on a full
+    ///   disk), so that no other shard's uploads can take the space first;
+    /// - else to a free segment, if fewer than the most are kept: the next segment
+    ///   reuses it instead of allocating. Freeing blocks is what costs: on this VM's
+    ///   ext4 (mounted `discard`) a 256 MiB segment's took 145–270 ms and stalled the
+    ///   file system's commits, so that every durable put waited (kernel-notes.md §6).
     ///
-    /// If the shard holds no space reserve (compaction gave it up on a full disk) and
-    /// the segment is a reserve's size, its file becomes the reserve instead: renamed,
-    /// so its blocks never go back to the file system, where another shard's uploads
-    /// could take them before this shard allocated a new reserve.
-    pub fn remove(&self, segment: SegmentId) -> Result<()> {
+    /// Otherwise it is removed; its bytes stay readable through handles still open.
+    pub fn remove(&self, segment: SegmentId, retire: Retire) -> Result<()> {
         let path = self.path(segment);
         let (size, reserve_held) = {
             let mut state = self.state.borrow_mut();
@@ -285,9 +341,14 @@ impl<D: Disk> Segments<D> {
             (state.sealed.remove(&segment), state.reserve_held)
         };
         self.forget(segment);
-        let becomes_reserve =
-            !reserve_held && size == Some(self.capacity_bytes) && self.take_as_reserve(&path);
-        if !becomes_reserve {
+        let reusable = retire == Retire::Recycle && size == Some(self.capacity_bytes);
+        let kept = reusable
+            && if reserve_held {
+                self.keep_free(&path)
+            } else {
+                self.take_as_reserve(&path)
+            };
+        if !kept {
             self.disk
                 .remove(&path)
                 .map_err(|e| Error::io("remove segment", &path, 0, e))?;
@@ -297,30 +358,86 @@ impl<D: Disk> Segments<D> {
             .map_err(|e| Error::io("fsync dir", &self.dir, 0, e))
     }
 
-    /// Renames the file at `path` (a compacted segment) to the space reserve; false,
-    /// logged, if that failed. Its content is stale and never read.
-    fn take_as_reserve(&self, path: &Path) -> bool {
-        let reserve = self.dir.join(RESERVE_FILE);
-        match self.disk.rename(path, &reserve) {
-            Ok(()) => {
-                self.state.borrow_mut().reserve_held = true;
-                tracing::info!(
-                    shard = self.shard,
-                    segment = %path.display(),
-                    "space reserve taken back: a compacted segment became the reserve"
-                );
-                true
+    /// Renames the file at `path` (a compacted segment) to a free segment if fewer than
+    /// the most are kept; false (logged if the rename failed) otherwise.
+    fn keep_free(&self, path: &Path) -> bool {
+        if self.state.borrow().free.len() >= self.free_max {
+            return false;
+        }
+        let name = path
+            .file_name()
+            .expect("a segment's name")
+            .to_string_lossy();
+        let free = self.dir.join(format!("{FREE_PREFIX}{name}"));
+        let kept = self.rename_compacted(path, &free, "a free segment");
+        if kept {
+            self.state.borrow_mut().free.push(free);
+        }
+        kept
+    }
+
+    /// A free segment renamed to `path` and opened, if one is kept and can hold a
+    /// segment. Its stale content is never read (see [`super::format`]). The caller
+    /// syncs the directory before the segment is used. A free segment that cannot be
+    /// used is removed.
+    fn reuse_free(&self, state: &mut State<D::File>, path: &Path) -> Option<D::File> {
+        while let Some(free) = state.free.pop() {
+            if let Err(error) = self.disk.rename(&free, path) {
+                tracing::warn!(shard = self.shard, free = %free.display(), %error,
+                    "could not reuse a free segment; removing it");
+                let _ = self.disk.remove(&free);
+                continue;
             }
+            match self.disk.open(path) {
+                Ok(file) if file.len_bytes().is_ok_and(|len| len >= self.capacity_bytes) => {
+                    return Some(file);
+                }
+                // unreadable, or kept when segments were smaller
+                _ => {
+                    let _ = self.disk.remove(path);
+                }
+            }
+        }
+        None
+    }
+
+    /// Renames the file at `path` (a compacted segment) to the space reserve; false,
+    /// logged, if that failed.
+    fn take_as_reserve(&self, path: &Path) -> bool {
+        let kept = self.rename_compacted(path, &self.dir.join(RESERVE_FILE), "the space reserve");
+        if kept {
+            self.state.borrow_mut().reserve_held = true;
+            tracing::info!(
+                shard = self.shard,
+                segment = %path.display(),
+                "space reserve taken back: a compacted segment became the reserve"
+            );
+        }
+        kept
+    }
+
+    /// Renames a compacted segment's file at `path` to `to`, `what` it is kept as; false,
+    /// logged, if that failed (the caller then removes it). Its content is stale and
+    /// never read.
+    fn rename_compacted(&self, path: &Path, to: &Path, what: &str) -> bool {
+        match self.disk.rename(path, to) {
+            Ok(()) => true,
             Err(error) => {
                 tracing::warn!(
                     shard = self.shard,
                     segment = %path.display(),
                     %error,
-                    "could not make a compacted segment the space reserve; removing it"
+                    "could not keep a compacted segment as {what}; removing it"
                 );
                 false
             }
         }
+    }
+
+    /// Waits until removed segments with no handle open have their space back with the
+    /// file system ([`Disk::released`]).
+    pub async fn released(&self) {
+        self.disk.released().await
     }
 
     /// Takes the space reserve if this shard holds none: at open, and after compaction
@@ -330,8 +447,15 @@ impl<D: Disk> Segments<D> {
             return;
         }
         let path = self.dir.join(RESERVE_FILE);
-        let held = match self.disk.create(&path, self.capacity_bytes) {
-            Ok(_) => self.disk.sync_dir(&self.dir).is_ok(),
+        let free = self.state.borrow_mut().free.pop();
+        let taken = match free {
+            Some(free) => self.disk.rename(&free, &path).inspect_err(|_| {
+                self.state.borrow_mut().free.push(free.clone());
+            }),
+            None => self.disk.create(&path, self.capacity_bytes).map(|_| ()),
+        };
+        let held = match taken {
+            Ok(()) => self.disk.sync_dir(&self.dir).is_ok(),
             Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => true,
             Err(error) => {
                 tracing::warn!(
@@ -345,23 +469,35 @@ impl<D: Disk> Segments<D> {
         self.state.borrow_mut().reserve_held = held;
     }
 
-    /// Removes the space reserve so that compaction can create a segment on a full
-    /// disk; false if there was none to give up.
-    fn give_up_reserve(&self, state: &mut State<D::File>) -> bool {
-        if !state.reserve_held {
-            return false;
+    /// Makes the space reserve the segment at `path` (renamed: its blocks never go back
+    /// to the file system, where another shard could take them first), so that
+    /// compaction can move blobs on a full disk. Its content is stale and never read:
+    /// only records written after this name a place in it. The caller syncs the
+    /// directory before the segment is used. `full` is returned if the reserve is too
+    /// small for a segment (taken when segments were smaller).
+    fn reserve_as_segment(
+        &self,
+        state: &mut State<D::File>,
+        path: &Path,
+        full: Error,
+    ) -> Result<D::File> {
+        let reserve = self.dir.join(RESERVE_FILE);
+        let len = self.disk.open(&reserve).and_then(|file| file.len_bytes());
+        if !matches!(len, Ok(len) if len >= self.capacity_bytes) {
+            return Err(full);
         }
-        let path = self.dir.join(RESERVE_FILE);
-        if self.disk.remove(&path).is_err() {
-            return false;
-        }
-        // The new segment's creation syncs this directory, and with it this removal.
+        self.disk
+            .rename(&reserve, path)
+            .map_err(|e| Error::io("rename the space reserve", &reserve, 0, e))?;
         state.reserve_held = false;
         tracing::warn!(
             shard = self.shard,
+            segment = %path.display(),
             "disk full: compaction is using the shard's space reserve"
         );
-        true
+        self.disk
+            .open(path)
+            .map_err(|e| Error::io("open segment", path, 0, e))
     }
 
     /// Seals the active segment so that it can be compacted (tests, shutdown).
@@ -369,6 +505,26 @@ impl<D: Disk> Segments<D> {
         let mut state = self.state.borrow_mut();
         if let Some(old) = state.active.take() {
             state.sealed.insert(old.id, old.capacity_bytes);
+        }
+    }
+}
+
+/// Open reads of some segments ([`Segments::lease`]), counted until dropped.
+pub struct Lease {
+    readers: Rc<RefCell<HashMap<SegmentId, u32>>>,
+    segments: Vec<SegmentId>,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let mut readers = self.readers.borrow_mut();
+        for segment in &self.segments {
+            if let Some(count) = readers.get_mut(segment) {
+                *count -= 1;
+                if *count == 0 {
+                    readers.remove(segment);
+                }
+            }
         }
     }
 }
@@ -450,7 +606,8 @@ mod tests {
             disk.clone(),
             0,
             root,
-            UNIT_BYTES,
+            (UNIT_BYTES, 4),
+            Vec::new(),
             Vec::new(),
             Rc::new(Cell::new(false)),
         );
@@ -471,15 +628,22 @@ mod tests {
             disk.open(&reserve).is_ok(),
             "a write never takes the reserve"
         );
-        let refused = segments.allocate(ALIGN, Purpose::Compaction);
-        assert!(matches!(refused, Err(Error::NoSpace { .. })), "{refused:?}");
-        assert!(
-            disk.open(&reserve).is_err(),
-            "compaction gave the reserve up"
+        let moved = segments
+            .allocate(ALIGN, Purpose::Compaction)
+            .expect("compaction writes into the reserve");
+        assert!(disk.open(&reserve).is_err(), "the reserve became a segment");
+        assert_eq!(
+            disk.open(&segments.path(moved.segment))
+                .and_then(|file| file.len_bytes())
+                .expect("the new segment"),
+            UNIT_BYTES
         );
+        segments.release(&[moved]);
 
         assert!(segments.begin_compaction(written.segment));
-        segments.remove(written.segment).expect("remove");
+        segments
+            .remove(written.segment, Retire::Recycle)
+            .expect("remove");
         segments.hold_reserve(); // what a compaction pass does after removing segments
         assert!(disk.open(&segments.path(written.segment)).is_err());
         let held = disk.open(&reserve).expect("the segment became the reserve");

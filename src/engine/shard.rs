@@ -23,7 +23,8 @@
 //! - **Compaction** ([`Shard::compact`]): a shard copies the live blobs out of its sealed,
 //!   mostly dead segments at a paced rate, has their owners journal the moves (in
 //!   batches: one fdatasync and one group commit for up to [`EVACUATE_BATCH_BLOBS`]
-//!   blobs), and removes the segment.
+//!   blobs), and retires the segment: kept for reuse if no read of it is open, else
+//!   removed ([`Segments::remove`]).
 //!
 //! Faults: a failed write fails the upload (nothing is visible); a failed fdatasync
 //! poisons the shard (no more writes, reads go on); a full disk fails uploads with
@@ -47,7 +48,7 @@ use super::format::{
 };
 use super::index::{Entry, Index};
 use super::journal::Journal;
-use super::segments::{Purpose, Segments};
+use super::segments::{Lease, Purpose, Retire, Segments};
 use super::small::SmallWrites;
 use super::types::{BlobKey, BlobMeta, ByteRange, ListQuery};
 use super::{EngineConfig, ShardStatus};
@@ -125,8 +126,12 @@ pub enum Request {
         writer: usize,
         reply: oneshot::Sender<Vec<(BlobKey, Location)>>,
     },
-    /// A segment is being removed: drop its cached handle.
-    Forget { segment: SegmentId },
+    /// A segment is being removed: drop its cached handle, then answer whether a read
+    /// of it is still open here.
+    Forget {
+        segment: SegmentId,
+        reply: oneshot::Sender<bool>,
+    },
     /// Runs one compaction pass now.
     Compact {
         reply: oneshot::Sender<Result<CompactionReport>>,
@@ -298,7 +303,10 @@ impl<D: Disk> Shard<D> {
             Request::LiveIn { writer, reply } => {
                 let _ = reply.send(self.index.borrow().written_by(writer));
             }
-            Request::Forget { segment } => self.segments.forget(segment),
+            Request::Forget { segment, reply } => {
+                self.segments.forget(segment);
+                let _ = reply.send(self.segments.is_read(segment));
+            }
             Request::Compact { reply } => {
                 let _ = reply.send(self.clone().compact().await);
             }
@@ -876,17 +884,34 @@ impl<D: Disk> Shard<D> {
                 self.segments.end_compaction(segment);
                 return Err(error);
             }
+            // Every shard drops its handle first, and says whether a read of the segment
+            // is still open. Reads that start from now on find the moved locations, so
+            // without open reads no one needs the file's bytes any more: it is recycled.
+            // With them it is removed, and its last handle frees it (on the reaper's
+            // thread, for a real disk).
+            let mut read = self.segments.is_read(segment);
             for (index, peer) in self.peers.iter().enumerate() {
                 if index != self.id {
-                    let _ = peer.send(Request::Forget { segment }).await;
+                    let (reply, forgotten) = oneshot::channel();
+                    if peer.send(Request::Forget { segment, reply }).await.is_ok() {
+                        read |= forgotten.await.unwrap_or(true);
+                    }
                 }
             }
-            self.segments.remove(segment)?;
+            let retire = if read {
+                Retire::Remove
+            } else {
+                Retire::Recycle
+            };
+            self.segments.remove(segment, retire)?;
             removed.push(segment);
             report.segments_removed += 1;
         }
         if report.segments_removed > 0 {
-            self.segments.hold_reserve(); // given up if the disk was full; take it back
+            // The removed segments' blocks go back in the background; wait for them
+            // before taking a reserve again (used if the disk was full).
+            self.segments.released().await;
+            self.segments.hold_reserve();
         }
         Ok(report)
     }
@@ -1020,8 +1045,10 @@ struct Copied {
 
 /// The segment files of a blob's location, open, so that the blob stays readable for
 /// as long as this lives, even if compaction moves it and removes the segments.
+/// Its lease keeps compaction from recycling the segments (it removes them instead).
 struct OpenFiles<D: Disk> {
     files: Vec<(SegmentId, D::File)>,
+    _lease: Lease,
 }
 
 impl<D: Disk> OpenFiles<D> {
@@ -1030,7 +1057,11 @@ impl<D: Disk> OpenFiles<D> {
         for segment in distinct_segments(location) {
             files.push((segment, segments.file(segment)?));
         }
-        Ok(OpenFiles { files })
+        let lease = segments.lease(files.iter().map(|(segment, _)| *segment).collect());
+        Ok(OpenFiles {
+            files,
+            _lease: lease,
+        })
     }
 
     fn file(&self, segment: SegmentId) -> &D::File {
