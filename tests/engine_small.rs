@@ -88,6 +88,7 @@ async fn small_blobs_round_trip_and_survive_a_reopen() {
         );
     }
     engine.shutdown().await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -117,6 +118,7 @@ async fn a_wrong_hash_or_size_stores_nothing() {
     ));
     assert!(matches!(engine.stat(&key).await, Err(Error::NotFound(_))));
     engine.shutdown().await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -146,6 +148,7 @@ async fn identical_small_content_is_stored_once() {
     let listed = common::list_first(&engine, 100).await;
     assert_eq!(listed.len(), 1);
     engine.shutdown().await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -164,6 +167,7 @@ async fn an_undeclared_upload_that_outgrows_the_limit_becomes_a_stream() {
     let meta = put(&engine, &content, None, 7, None).await.unwrap();
     assert_eq!(read_all(&engine, &meta.key).await.unwrap(), content);
     engine.shutdown().await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -193,6 +197,7 @@ async fn concurrent_small_puts_share_group_writes_and_all_land() {
         assert_eq!(&read_all(&engine, key).await.unwrap(), content);
     }
     engine.shutdown().await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A blob of at most one CRC chunk keeps its CRC in its record (format kind 6): its
