@@ -19,6 +19,7 @@
 //! a read returns the stored bytes or an error, never other bytes. The on-disk format is
 //! in [`format`](mod@format); what each part guarantees is in its module's documentation.
 
+mod digest;
 pub mod error;
 pub mod format;
 mod index;
@@ -214,7 +215,7 @@ impl Engine {
                 config: Rc::new(config.clone()),
                 root: root.clone(),
                 peers: senders.clone(),
-                status: statuses[id].clone(),
+                statuses: statuses.clone(),
             };
             let (disk, status, ready) = (disk.clone(), statuses[id].clone(), ready_tx.clone());
             let config = (*wiring.config).clone();
@@ -288,7 +289,7 @@ impl Engine {
                 config: shared.clone(),
                 root: config.data_dir.clone(),
                 peers: senders.clone(),
-                status: status.clone(),
+                statuses: statuses.clone(),
             };
             *status.driver.lock().expect("status lock") = Some(DriverInfo {
                 name: "simulated",

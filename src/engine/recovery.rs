@@ -291,7 +291,8 @@ pub struct ShardWiring {
     pub config: Rc<EngineConfig>,
     pub root: PathBuf,
     pub peers: Vec<mpsc::Sender<Request>>,
-    pub status: Arc<ShardStatus>,
+    /// Every shard's status, this one's at `id`.
+    pub statuses: Vec<Arc<ShardStatus>>,
 }
 
 /// Opens shard `wiring.id` over `disk`: recovers its index and starts a new journal.
@@ -455,7 +456,9 @@ pub async fn open_shard<D: Disk>(disk: D, wiring: ShardWiring) -> Result<Rc<Shar
         journal,
         segments,
         peers: wiring.peers,
-        status: wiring.status,
+        status: wiring.statuses[wiring.id].clone(),
+        statuses: wiring.statuses,
+        offload_units: Default::default(),
         poisoned,
         write_pool: BufPool::new(UNIT_BYTES as usize, config.write_buffers),
         read_pool: BufPool::new(UNIT_BYTES as usize, config.read_buffers),

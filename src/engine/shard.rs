@@ -7,8 +7,10 @@
 //!
 //! The paths of a blob:
 //! - **Upload** ([`Shard::ingest`]): the ingest shard copies each chunk once into an
-//!   aligned buffer, feeds BLAKE3 and the chunk CRCs, and writes full buffers to extents
-//!   it allocates, a few writes in flight. At complete it checks size and hash, appends
+//!   aligned buffer and writes full buffers to extents it allocates, a few writes in
+//!   flight. It hashes the stream (BLAKE3 and the chunk CRCs) in 1 MiB units, some of
+//!   which it sends, as shared `Bytes`, to peers that have no upload of their own
+//!   ([`digest`], [`Request::Digest`]). At complete it checks size and hash, appends
 //!   the CRC table, pads, fdatasyncs the segments, and sends a Put to the key's owner.
 //! - **Small put** ([`Shard::put`], [`Shard::store_small`]): a whole small blob comes in
 //!   one message; the shard hashes it and hands it to the key's owner (itself, or a peer
@@ -42,6 +44,7 @@ use graviton_io::buf::{round_down_u64, round_up_u64};
 use graviton_io::{AlignedBuf, BufPool, Disk, DiskFile};
 use tokio::sync::{mpsc, oneshot};
 
+use super::digest::{self, Offload, StreamDigest, UnitDigest, UnitHasher};
 use super::error::{Error, Result};
 use super::format::{
     self, Extent, Location, PutRecord, Record, SegmentId, ALIGN, CHUNK_BYTES, UNIT_BYTES,
@@ -132,6 +135,13 @@ pub enum Request {
         segment: SegmentId,
         reply: oneshot::Sender<bool>,
     },
+    /// From an ingest shard to an idle peer: hash this unit of an upload's stream
+    /// ([`digest`]).
+    Digest {
+        offset: u64,
+        pieces: Vec<Bytes>,
+        reply: oneshot::Sender<UnitDigest>,
+    },
     /// Runs one compaction pass now.
     Compact {
         reply: oneshot::Sender<Result<CompactionReport>>,
@@ -168,6 +178,10 @@ pub struct Shard<D: Disk> {
     pub(super) segments: Segments<D>,
     pub(super) peers: Vec<mpsc::Sender<Request>>,
     pub(super) status: Arc<ShardStatus>,
+    /// Every shard's status: which peers have no upload, to hash units of ours.
+    pub(super) statuses: Vec<Arc<ShardStatus>>,
+    /// Units of this shard's uploads being hashed by peers ([`digest::OFFLOAD_UNITS_MAX`]).
+    pub(super) offload_units: Rc<Cell<usize>>,
     pub(super) poisoned: Rc<Cell<bool>>,
     pub(super) write_pool: BufPool,
     pub(super) read_pool: BufPool,
@@ -307,6 +321,15 @@ impl<D: Disk> Shard<D> {
                 self.segments.forget(segment);
                 let _ = reply.send(self.segments.is_read(segment));
             }
+            Request::Digest {
+                offset,
+                pieces,
+                reply,
+            } => {
+                if !reply.is_closed() {
+                    let _ = reply.send(UnitHasher::digest_yielding(offset, &pieces).await);
+                }
+            }
             Request::Compact { reply } => {
                 let _ = reply.send(self.clone().compact().await);
             }
@@ -344,9 +367,7 @@ impl<D: Disk> Shard<D> {
         }
         let planned = total.map(|size| round_up_u64(format::stream_payload_bytes(size), ALIGN));
         let mut stream = StreamWriter::new(self.clone(), planned, Purpose::Write);
-        let mut hasher = blake3::Hasher::new();
-        let mut crcs = ChunkCrcs::default();
-        let mut received = 0u64;
+        let mut digest = StreamDigest::new(PeerHashing(self.clone()));
         loop {
             match chunks.recv().await {
                 None => {
@@ -354,9 +375,7 @@ impl<D: Disk> Shard<D> {
                     return;
                 }
                 Some(UploadMsg::Data(data)) => {
-                    received += data.len() as u64;
-                    hasher.update(&data);
-                    crcs.update(&data);
+                    digest.update(&data).await;
                     if let Err(error) = stream.push(&data).await {
                         stream.abandon().await;
                         let _ = failed.send(error);
@@ -364,7 +383,8 @@ impl<D: Disk> Shard<D> {
                     }
                 }
                 Some(UploadMsg::Complete { expected, reply }) => {
-                    let key = BlobKey(*hasher.finalize().as_bytes());
+                    let received = digest.received();
+                    let (key, crcs) = digest.finish().await;
                     let result = self
                         .finish(stream, key, crcs, received, total, expected, attributes)
                         .await;
@@ -380,7 +400,7 @@ impl<D: Disk> Shard<D> {
         &self,
         mut stream: StreamWriter<D>,
         key: BlobKey,
-        crcs: ChunkCrcs,
+        crcs: Vec<u8>,
         received: u64,
         declared: Option<u64>,
         expected: Option<BlobKey>,
@@ -391,7 +411,7 @@ impl<D: Disk> Shard<D> {
             return Err(error);
         }
         let written = async {
-            stream.push(&crcs.finish()).await?;
+            stream.push(&crcs).await?;
             stream.finish(format::stream_payload_bytes(received)).await
         };
         let location = match written.await {
@@ -1080,7 +1100,7 @@ fn distinct_segments(location: &Location) -> Vec<SegmentId> {
     segments
 }
 
-/// A stored CRC table: one little-endian u32 per chunk ([`ChunkCrcs::finish`]).
+/// A stored CRC table: one little-endian u32 per chunk ([`digest::ChunkCrcs::finish`]).
 fn crc_table(bytes: &[u8]) -> Vec<u32> {
     bytes
         .chunks_exact(4)
@@ -1113,36 +1133,53 @@ fn unix_now_ns() -> u64 {
         .map_or(0, |d| d.as_nanos() as u64)
 }
 
-/// The CRCs of a blob's 64 KiB chunks, computed as bytes arrive.
-#[derive(Default)]
-pub(super) struct ChunkCrcs {
-    done: Vec<u8>,
-    current: crc32fast::Hasher,
-    current_bytes: u64,
+/// An upload's hashing help from its shard's peers: each unit after the first goes, in
+/// turn, to this shard or to one of the peers that have no upload of their own, while
+/// fewer than [`digest::OFFLOAD_UNITS_MAX`] of this shard's units are away. A peer's
+/// full inbox is no wait: the unit is hashed here.
+struct PeerHashing<D: Disk>(Rc<Shard<D>>);
+
+/// One unit of a shard's uploads away at a peer, counted until dropped.
+struct OffloadPermit(Rc<Cell<usize>>);
+
+impl Drop for OffloadPermit {
+    fn drop(&mut self) {
+        self.0.set(self.0.get() - 1);
+    }
 }
 
-impl ChunkCrcs {
-    pub(super) fn update(&mut self, mut data: &[u8]) {
-        while !data.is_empty() {
-            let take = ((CHUNK_BYTES - self.current_bytes) as usize).min(data.len());
-            self.current.update(&data[..take]);
-            self.current_bytes += take as u64;
-            data = &data[take..];
-            if self.current_bytes == CHUNK_BYTES {
-                let crc = std::mem::take(&mut self.current).finalize();
-                self.done.extend_from_slice(&crc.to_le_bytes());
-                self.current_bytes = 0;
-            }
+impl<D: Disk> Offload for PeerHashing<D> {
+    type Permit = OffloadPermit;
+
+    fn choose(&self, offset: u64) -> Option<(usize, OffloadPermit)> {
+        let shard = &*self.0;
+        if shard.offload_units.get() >= digest::OFFLOAD_UNITS_MAX {
+            return None;
         }
+        let idle: Vec<usize> = (0..shard.count)
+            .filter(|&peer| {
+                peer != shard.id && shard.statuses[peer].active_uploads.load(Ordering::Relaxed) == 0
+            })
+            .collect();
+        let turn = (offset / digest::DIGEST_UNIT_BYTES) as usize % (idle.len() + 1);
+        let peer = *idle.get(turn.checked_sub(1)?)?;
+        shard.offload_units.set(shard.offload_units.get() + 1);
+        Some((peer, OffloadPermit(shard.offload_units.clone())))
     }
 
-    /// The table: one little-endian u32 per chunk.
-    pub(super) fn finish(mut self) -> Vec<u8> {
-        if self.current_bytes > 0 {
-            self.done
-                .extend_from_slice(&self.current.finalize().to_le_bytes());
-        }
-        self.done
+    fn send(
+        &self,
+        peer: usize,
+        offset: u64,
+        pieces: Vec<Bytes>,
+    ) -> Option<oneshot::Receiver<UnitDigest>> {
+        let (reply, answer) = oneshot::channel();
+        let request = Request::Digest {
+            offset,
+            pieces,
+            reply,
+        };
+        self.0.peers[peer].try_send(request).ok().map(|()| answer)
     }
 }
 

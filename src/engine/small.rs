@@ -38,10 +38,11 @@ use graviton_io::buf::round_up_u64;
 use graviton_io::{Disk, DiskFile};
 use tokio::sync::oneshot;
 
+use super::digest::ChunkCrcs;
 use super::error::{Error, Result};
 use super::format::{self, Extent, ALIGN, UNIT_BYTES};
 use super::segments::Purpose;
-use super::shard::{ChunkCrcs, Shard};
+use super::shard::Shard;
 use super::signal::Signal;
 
 /// Most stream bytes in one batch: one write-pool buffer.
