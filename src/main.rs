@@ -139,6 +139,14 @@ struct ServeArgs {
     /// waits for it) before it is aborted with RESOURCE_EXHAUSTED (frees its slot).
     #[arg(long, default_value_t = 60)]
     upload_stall_secs: u64,
+    /// HTTP/2 flow-control window of each stream, in MiB: how much of an upload a client
+    /// may send ahead of the server (with 1 MiB chunks, 1 MiB makes it wait for each).
+    #[arg(long, default_value_t = 4)]
+    stream_window_mib: u32,
+    /// HTTP/2 flow-control window of each connection, in MiB: the most unconsumed
+    /// request data one connection can make the server hold.
+    #[arg(long, default_value_t = 4)]
+    connection_window_mib: u32,
 }
 
 #[derive(clap::Args)]
@@ -172,6 +180,11 @@ fn main() -> ExitCode {
     }
 }
 
+/// A window of `mib` MiB, between HTTP/2's default (64 KiB) and its largest (2^31 - 1).
+fn window_bytes(mib: u32) -> u32 {
+    (u64::from(mib) << 20).clamp(65_535, (1 << 31) - 1) as u32
+}
+
 fn serve(args: ServeArgs) -> Result<(), ClientError> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut config = EngineConfig::new(&args.data_dir);
@@ -193,6 +206,8 @@ fn serve(args: ServeArgs) -> Result<(), ClientError> {
         calls_max: args.calls_max.max(1),
         calls_per_connection_max: args.calls_per_connection_max.max(1),
         upload_stall_timeout: Duration::from_secs(args.upload_stall_secs.max(1)),
+        stream_window_bytes: window_bytes(args.stream_window_mib),
+        connection_window_bytes: window_bytes(args.connection_window_mib),
         ..ServeOptions::default()
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -1359,13 +1359,22 @@ async fn expect_ok(answer: h2::client::ResponseFuture) {
 /// tonic's default is no limit on streams per connection (it overrides hyper's 200); the
 /// server must announce one in its HTTP/2 SETTINGS, or one connection could make it hold
 /// any number of calls. A header block is bounded by hyper's default (16 KiB when this
-/// was written); the test fails if an upgrade lifts it past 64 KiB.
+/// was written); the test fails if an upgrade lifts it past 64 KiB. The flow-control
+/// windows are the configured ones: a stream's in SETTINGS, the connection's as the
+/// WINDOW_UPDATE that raises it from HTTP/2's 65,535 bytes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_server_limits_streams_and_headers_per_connection() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     const SETTINGS: u8 = 0x4;
+    const WINDOW_UPDATE: u8 = 0x8;
+    const SETTINGS_INITIAL_WINDOW_SIZE: u16 = 0x4;
     const SETTINGS_MAX_CONCURRENT_STREAMS: u16 = 0x3;
     const SETTINGS_MAX_HEADER_LIST_SIZE: u16 = 0x6;
+    let defaults = ServeOptions::default();
+    assert!(
+        defaults.stream_window_bytes > MIB as u32,
+        "more than one 1 MiB chunk"
+    );
     let server = TestServer::start("streams-limit", ServeOptions::default()).await;
     let mut socket = tokio::net::TcpStream::connect(server.addr).await.unwrap();
     // The client connection preface, then an empty SETTINGS frame (RFC 9113 §3.4).
@@ -1397,6 +1406,35 @@ async fn the_server_limits_streams_and_headers_per_connection() {
     assert!(
         header_list.is_some_and(|bytes| bytes <= 64 * 1024),
         "SETTINGS_MAX_HEADER_LIST_SIZE: {header_list:?}"
+    );
+    assert_eq!(
+        setting(SETTINGS_INITIAL_WINDOW_SIZE),
+        Some(defaults.stream_window_bytes),
+        "SETTINGS_INITIAL_WINDOW_SIZE"
+    );
+    let mut connection_window = None;
+    for _ in 0..8 {
+        within(
+            10,
+            "the server's next frame",
+            socket.read_exact(&mut header),
+        )
+        .await
+        .unwrap();
+        let len = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
+        let stream = u32::from_be_bytes([header[5], header[6], header[7], header[8]]);
+        let mut payload = vec![0u8; len];
+        socket.read_exact(&mut payload).await.unwrap();
+        if header[3] == WINDOW_UPDATE && stream == 0 {
+            let increment = u32::from_be_bytes(payload[..4].try_into().unwrap()) & 0x7fff_ffff;
+            connection_window = Some(65_535 + increment);
+            break;
+        }
+    }
+    assert_eq!(
+        connection_window,
+        Some(defaults.connection_window_bytes),
+        "the connection's window"
     );
     drop(socket);
     server.stop().await;

@@ -88,8 +88,9 @@ pub struct ServeOptions {
     /// of 128.
     pub reads_max: usize,
     /// Client connections open at once; more wait in the listen backlog until one
-    /// closes (default 1024). Each can hold up to its HTTP/2 connection window (1 MiB)
-    /// of unconsumed data and its streams' state, so this bounds that memory whatever
+    /// closes (default 1024). Each can hold up to its HTTP/2 connection window
+    /// ([`ServeOptions::connection_window_bytes`]) of unconsumed data and its streams'
+    /// state, so this bounds that memory whatever
     /// clients do; a warning is logged when the limit is reached.
     pub connections_max: usize,
     /// Calls whose request is being read or handled at once; more wait (default 256).
@@ -110,6 +111,16 @@ pub struct ServeOptions {
     /// client that stops sending does not hold an upload slot for as long as its
     /// connection lives.
     pub upload_stall_timeout: Duration,
+    /// HTTP/2 flow-control window of each stream: how much of an upload a client may
+    /// send before the server has taken it. Bigger than one chunk, so that a client's
+    /// next chunk is on its way while this one is handled (default 4 MiB). With
+    /// hyper's 1 MiB and the seed's 1 MiB chunks, one chunk traveled at a time: a
+    /// single 1 GiB upload measured 451 MiB/s on average over 10 alternating runs,
+    /// against 512 with 4 MiB (faster in 10 of 10) and 549 with 16 MiB.
+    pub stream_window_bytes: u32,
+    /// HTTP/2 flow-control window of each connection, shared by its streams: the most
+    /// unconsumed request data a connection can make the server hold (default 4 MiB).
+    pub connection_window_bytes: u32,
 }
 
 impl Default for ServeOptions {
@@ -126,6 +137,8 @@ impl Default for ServeOptions {
             calls_max: 256,
             calls_per_connection_max: 32,
             upload_stall_timeout: Duration::from_secs(60),
+            stream_window_bytes: 4 << 20,
+            connection_window_bytes: 4 << 20,
         }
     }
 }
@@ -204,6 +217,8 @@ async fn serve_until_drained(
         .http2_keepalive_interval(options.keepalive_interval)
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .max_concurrent_streams(STREAMS_PER_CONNECTION_MAX)
+        .initial_stream_window_size(Some(options.stream_window_bytes))
+        .initial_connection_window_size(Some(options.connection_window_bytes))
         // Calls being read or handled: a call waits for one of its connection's permits,
         // then for one of the server's, which every connection shares (see `limits.rs`).
         .concurrency_limit_per_connection(options.calls_per_connection_max)

@@ -21,11 +21,12 @@ struct Cli {
     /// Runtime worker threads (default: the cores this process may use).
     #[arg(long)]
     threads: Option<usize>,
-    /// HTTP/2 initial stream window (default: tonic's).
-    #[arg(long, value_parser = parse_bytes)]
+    /// HTTP/2 initial stream window; the default is `graviton serve`'s, so that the
+    /// ceiling is measured with the transport settings Graviton runs with.
+    #[arg(long, value_parser = parse_bytes, default_value = "4MiB")]
     stream_window: Option<u64>,
-    /// HTTP/2 initial connection window (default: tonic's).
-    #[arg(long, value_parser = parse_bytes)]
+    /// HTTP/2 initial connection window (default: `graviton serve`'s).
+    #[arg(long, value_parser = parse_bytes, default_value = "4MiB")]
     connection_window: Option<u64>,
     /// Let HTTP/2 windows grow with the measured bandwidth-delay product.
     #[arg(long)]
