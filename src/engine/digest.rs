@@ -26,7 +26,9 @@
 //! - the first unit is always hashed here, so that a blob of at most one unit needs no
 //!   tree: its hash is the unit's root hash.
 
+use std::cell::Cell;
 use std::collections::VecDeque;
+use std::rc::Rc;
 
 use blake3::hazmat::{
     merge_subtrees_non_root, merge_subtrees_root, ChainingValue, HasherExt, Mode,
@@ -176,13 +178,32 @@ async fn yield_now() {
     .await
 }
 
+/// One unit away at a peer, counted in its ingest shard's count of units away until
+/// dropped.
+pub struct AwayPermit(Rc<Cell<usize>>);
+
+impl AwayPermit {
+    /// A permit, if fewer than [`OFFLOAD_UNITS_MAX`] units are `away`.
+    pub fn take(away: &Rc<Cell<usize>>) -> Option<AwayPermit> {
+        if away.get() >= OFFLOAD_UNITS_MAX {
+            return None;
+        }
+        away.set(away.get() + 1);
+        Some(AwayPermit(away.clone()))
+    }
+}
+
+impl Drop for AwayPermit {
+    fn drop(&mut self) {
+        self.0.set(self.0.get() - 1);
+    }
+}
+
 /// Where units may be hashed besides here.
 pub trait Offload {
-    /// Held while a unit is away; dropping it frees the unit's place.
-    type Permit;
     /// A peer to hash the unit that starts at `offset`, and the permit for it; `None`:
     /// hash it here.
-    fn choose(&self, offset: u64) -> Option<(usize, Self::Permit)>;
+    fn choose(&self, offset: u64) -> Option<(usize, AwayPermit)>;
     /// Sends the unit's bytes to `peer`; `None` if it cannot take them now.
     fn send(
         &self,
@@ -193,30 +214,30 @@ pub trait Offload {
 }
 
 /// The unit being received.
-enum Current<P> {
+enum Current {
     /// Hashed here as its bytes arrive (boxed: a hasher is ~2 KiB).
     Here(Box<UnitHasher>),
     /// Gathered (shared `Bytes`) for a peer, which gets it once it is whole.
     Gathering {
         pieces: Vec<Bytes>,
         peer: usize,
-        permit: P,
+        permit: AwayPermit,
     },
 }
 
 /// A unit received whole, in stream order.
-enum Pending<P> {
+enum Pending {
     Done(UnitDigest),
     Away {
         offset: u64,
         /// Kept to hash here if the peer never answers.
         pieces: Vec<Bytes>,
         answer: oneshot::Receiver<UnitDigest>,
-        _permit: P,
+        _permit: AwayPermit,
     },
 }
 
-impl<P> Pending<P> {
+impl Pending {
     async fn resolve(self) -> UnitDigest {
         match self {
             Pending::Done(digest) => digest,
@@ -273,9 +294,9 @@ impl Tree {
 pub struct StreamDigest<O: Offload> {
     offload: O,
     received: u64,
-    current: Current<O::Permit>,
+    current: Current,
     /// Units received whole and not yet in `tree`, in stream order.
-    queue: VecDeque<Pending<O::Permit>>,
+    queue: VecDeque<Pending>,
     tree: Tree,
     /// CRCs of the units in `tree`.
     crcs: Vec<u32>,
@@ -411,8 +432,7 @@ impl<O: Offload> StreamDigest<O> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::cell::{Cell, RefCell};
-    use std::rc::Rc;
+    use std::cell::RefCell;
 
     /// A test peer: takes every `every`-th unit (never when `refuse`), answers after
     /// `delay` more units were offered, in reverse order of arrival when it answers
@@ -422,20 +442,13 @@ mod tests {
         refuse: bool,
         delay: usize,
         drop_every: u64,
-        permits: Rc<Cell<usize>>,
+        away: Rc<Cell<usize>>,
         waiting: RefCell<Vec<Held>>,
         sent: Cell<usize>,
     }
 
     /// A unit a fake peer holds: its offset, its bytes, where its digest goes.
     type Held = (u64, Vec<Bytes>, oneshot::Sender<UnitDigest>);
-
-    struct Permit(Rc<Cell<usize>>);
-    impl Drop for Permit {
-        fn drop(&mut self) {
-            self.0.set(self.0.get() - 1);
-        }
-    }
 
     impl FakePeers {
         fn new(every: u64, delay: usize) -> FakePeers {
@@ -444,7 +457,7 @@ mod tests {
                 refuse: false,
                 delay,
                 drop_every: 0,
-                permits: Rc::default(),
+                away: Rc::default(),
                 waiting: RefCell::default(),
                 sent: Cell::new(0),
             }
@@ -464,18 +477,12 @@ mod tests {
     }
 
     impl Offload for &FakePeers {
-        type Permit = Permit;
-
-        fn choose(&self, offset: u64) -> Option<(usize, Permit)> {
+        fn choose(&self, offset: u64) -> Option<(usize, AwayPermit)> {
             let unit = offset / DIGEST_UNIT_BYTES;
             if self.every == 0 || !unit.is_multiple_of(self.every) {
                 return None;
             }
-            if self.permits.get() >= OFFLOAD_UNITS_MAX {
-                return None;
-            }
-            self.permits.set(self.permits.get() + 1);
-            Some((1, Permit(self.permits.clone())))
+            Some((1, AwayPermit::take(&self.away)?))
         }
 
         fn send(
@@ -590,7 +597,7 @@ mod tests {
                         got == want,
                         "{len} bytes in chunks of {chunk}, {name}: wrong key or CRCs"
                     );
-                    assert_eq!(peers.permits.get(), 0, "every permit is given back");
+                    assert_eq!(peers.away.get(), 0, "every permit is given back");
                 }
             }
         }

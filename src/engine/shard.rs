@@ -44,7 +44,7 @@ use graviton_io::buf::{round_down_u64, round_up_u64};
 use graviton_io::{AlignedBuf, BufPool, Disk, DiskFile};
 use tokio::sync::{mpsc, oneshot};
 
-use super::digest::{self, Offload, StreamDigest, UnitDigest, UnitHasher};
+use super::digest::{self, AwayPermit, Offload, StreamDigest, UnitDigest, UnitHasher};
 use super::error::{Error, Result};
 use super::format::{
     self, Extent, Location, PutRecord, Record, SegmentId, ALIGN, CHUNK_BYTES, UNIT_BYTES,
@@ -1139,23 +1139,9 @@ fn unix_now_ns() -> u64 {
 /// full inbox is no wait: the unit is hashed here.
 struct PeerHashing<D: Disk>(Rc<Shard<D>>);
 
-/// One unit of a shard's uploads away at a peer, counted until dropped.
-struct OffloadPermit(Rc<Cell<usize>>);
-
-impl Drop for OffloadPermit {
-    fn drop(&mut self) {
-        self.0.set(self.0.get() - 1);
-    }
-}
-
 impl<D: Disk> Offload for PeerHashing<D> {
-    type Permit = OffloadPermit;
-
-    fn choose(&self, offset: u64) -> Option<(usize, OffloadPermit)> {
+    fn choose(&self, offset: u64) -> Option<(usize, AwayPermit)> {
         let shard = &*self.0;
-        if shard.offload_units.get() >= digest::OFFLOAD_UNITS_MAX {
-            return None;
-        }
         let idle: Vec<usize> = (0..shard.count)
             .filter(|&peer| {
                 peer != shard.id && shard.statuses[peer].active_uploads.load(Ordering::Relaxed) == 0
@@ -1163,8 +1149,7 @@ impl<D: Disk> Offload for PeerHashing<D> {
             .collect();
         let turn = (offset / digest::DIGEST_UNIT_BYTES) as usize % (idle.len() + 1);
         let peer = *idle.get(turn.checked_sub(1)?)?;
-        shard.offload_units.set(shard.offload_units.get() + 1);
-        Some((peer, OffloadPermit(shard.offload_units.clone())))
+        Some((peer, AwayPermit::take(&shard.offload_units)?))
     }
 
     fn send(
