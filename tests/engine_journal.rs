@@ -336,3 +336,121 @@ async fn a_flush_larger_than_one_journal_write_reopens_intact() {
     engine.shutdown().await.expect("shutdown");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A rotation while the previous rotation's checkpoint is still being written gets its
+/// own checkpoint once that one is done, and with it the older journals go. Before, it
+/// was dropped ("a later rotation checkpoints again"): the journal before the newest
+/// stayed until a further rotation, and
+/// `a_damaged_checkpoint_whose_journals_were_removed_fails_the_open` failed in CI when the
+/// disk was slow. On the simulated disk every operation yields a random number of times,
+/// so whether the second of two back-to-back rotations meets the first one's checkpoint
+/// still running depends on the seed; several seeds are run, and the test asserts that
+/// some met it.
+#[test]
+fn a_rotation_during_a_checkpoint_has_its_own_checkpoint_written_next() {
+    let mut overlapped = 0;
+    for seed in 0..24 {
+        let (settled, met_a_running_checkpoint) = rotate_twice_on_the_sim(seed);
+        assert!(
+            settled,
+            "seed {seed}: the newest generation's checkpoint was never written, or older journals stayed"
+        );
+        overlapped += usize::from(met_a_running_checkpoint);
+    }
+    assert!(
+        overlapped > 0,
+        "no seed had a rotation meet a running checkpoint"
+    );
+}
+
+/// Fills a one-shard store on the simulated disk (64 KiB journals: many rotations, and a
+/// checkpoint larger than a journal), rotates twice, and waits for the files to settle:
+/// a checkpoint of the newest journal's generation, and no older journal. Returns
+/// whether they did, and whether the second rotation found the first one's checkpoint
+/// not yet written.
+fn rotate_twice_on_the_sim(seed: u64) -> (bool, bool) {
+    use graviton_io::sim::{Faults, SimDisk};
+    use graviton_io::Disk;
+    let disk = SimDisk::new(
+        seed,
+        Faults {
+            max_yields: 16,
+            ..Faults::default()
+        },
+    );
+    let shard = Path::new("/sim/shard-000");
+    let generations = |prefix: &str, suffix: &str| -> Vec<u64> {
+        let mut found: Vec<u64> = disk
+            .list(shard)
+            .expect("list")
+            .iter()
+            .filter_map(|name| {
+                name.strip_prefix(prefix)?
+                    .strip_suffix(suffix)
+                    .map(String::from)
+            })
+            .filter_map(|hex| u64::from_str_radix(&hex, 16).ok())
+            .collect();
+        found.sort_unstable();
+        found
+    };
+    let mut runtime = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+        .enable_timer()
+        .build()
+        .expect("runtime");
+    let outcome = runtime.block_on(async {
+        monoio::spawn(graviton_io::sim::yield_pump());
+        let mut config = config(Path::new("/sim"));
+        config.journal_bytes = 64 * 1024;
+        let engine = Engine::open_local(config, disk.clone())
+            .await
+            .expect("open");
+        for n in 0..1500u32 {
+            put(&engine, format!("seed {seed} blob {n}").as_bytes()).await;
+        }
+        // Let the fill's own rotations and checkpoints finish.
+        for _ in 0..20_000 {
+            graviton_io::sim::yield_now().await;
+        }
+        let first = current_generation(&disk, shard, &generations("journal-", ".log")).await;
+        engine.rotate().await.expect("rotate");
+        engine.rotate().await.expect("rotate");
+        // The first rotation's checkpoint, which removes journal `first`, had not been
+        // written when the second rotation was done.
+        let met_a_running_checkpoint = generations("journal-", ".log").contains(&first);
+        let mut settled = false;
+        for _ in 0..200_000 {
+            let journals = generations("journal-", ".log");
+            let current = current_generation(&disk, shard, &journals).await;
+            if generations("checkpoint-", ".idx").contains(&current) && journals[0] == current {
+                settled = true;
+                break;
+            }
+            graviton_io::sim::yield_now().await;
+        }
+        engine.shutdown().await.expect("shutdown");
+        (settled, met_a_running_checkpoint)
+    });
+    graviton_io::sim::stop_yield_pump();
+    outcome
+}
+
+/// The newest of `journals` (generations, ascending) with a header: the current one (a
+/// spare has none).
+async fn current_generation(
+    disk: &graviton_io::sim::SimDisk,
+    shard: &Path,
+    journals: &[u64],
+) -> u64 {
+    use graviton_io::{AlignedBuf, Disk, DiskFile};
+    for &generation in journals.iter().rev() {
+        let path = shard.join(format!("journal-{generation:016x}.log"));
+        let file = disk.open(&path).expect("open journal");
+        let (read, buf) = file.read_at(AlignedBuf::zeroed(4096), 0, 4096).await;
+        read.expect("read journal header");
+        if buf.as_slice().starts_with(b"GRVJRNL1") {
+            return generation;
+        }
+    }
+    panic!("no journal with a header among {journals:?}");
+}

@@ -45,6 +45,9 @@ impl Entry {
     }
 }
 
+/// Every entry of an index at one moment, shared with the index (a checkpoint's input).
+pub type Snapshot = Vec<(BlobKey, Rc<Entry>)>;
+
 #[derive(Default)]
 pub struct Index {
     entries: BTreeMap<BlobKey, Rc<Entry>>,
@@ -89,7 +92,7 @@ impl Index {
     }
 
     /// Every entry, in key order, sharing the entries themselves.
-    pub fn snapshot(&self) -> Vec<(BlobKey, Rc<Entry>)> {
+    pub fn snapshot(&self) -> Snapshot {
         self.entries.iter().map(|(k, e)| (*k, e.clone())).collect()
     }
 

@@ -18,7 +18,8 @@
 //!   retried (whether the bytes are durable is unknown);
 //! - when the journal file is full it rotates: a new journal is created and made durable
 //!   first, then the old one is sealed, then the index is snapshotted into a checkpoint
-//!   for the new generation in the background; once that checkpoint is durable, older
+//!   for the new generation in the background (one at a time: a rotation during a
+//!   checkpoint has its own written next); once that checkpoint is durable, older
 //!   journals and checkpoints are removed. Reopening reads one checkpoint and the
 //!   journals after it, so it grows with live blobs, not with history.
 
@@ -32,7 +33,7 @@ use graviton_io::{AlignedBuf, Disk, DiskFile};
 
 use super::error::{Error, Result};
 use super::format::{self, Record, ALIGN, HEADER_BYTES, UNIT_BYTES};
-use super::index::{Entry, Index};
+use super::index::{Index, Snapshot};
 use super::signal::Signal;
 use super::types::BlobKey;
 
@@ -59,7 +60,8 @@ pub struct Journal<D: Disk> {
     /// Count of records durable and applied (tickets are record counts).
     durable: Signal,
     poisoned: Rc<Cell<bool>>,
-    checkpointing: Rc<Cell<bool>>,
+    /// The checkpoint being written, if any, and the newest one asked for meanwhile.
+    checkpoints: Rc<Checkpoints>,
     /// The next journal file, zero-filled ahead of the rotation that will use it.
     spare: Rc<Spare<D::File>>,
 }
@@ -153,7 +155,7 @@ impl<D: Disk> Journal<D> {
             }),
             durable: Signal::default(),
             poisoned,
-            checkpointing: Rc::new(Cell::new(false)),
+            checkpoints: Rc::default(),
             spare: Rc::new(Spare {
                 slot: RefCell::new(SpareSlot::Empty),
                 done: Signal::default(),
@@ -453,28 +455,49 @@ impl<D: Disk> Journal<D> {
         Ok(())
     }
 
-    fn start_checkpoint(&self, generation: u64, snapshot: Vec<(BlobKey, Rc<Entry>)>) {
-        if self.checkpointing.replace(true) {
-            return; // one at a time; a later rotation checkpoints again
+    /// Writes a checkpoint of `snapshot` (the index as of the start of `generation`) in
+    /// the background. One is written at a time: one asked for while another is being
+    /// written waits, and is written next, unless a newer one is asked for meanwhile (a
+    /// snapshot taken at a later rotation covers everything an older one does).
+    fn start_checkpoint(&self, generation: u64, snapshot: Snapshot) {
+        let checkpoints = self.checkpoints.clone();
+        *checkpoints.next.borrow_mut() = Some((generation, snapshot));
+        if checkpoints.writing.replace(true) {
+            return; // the running writer takes it when it is done
         }
         let writer = CheckpointWriter {
             disk: self.disk.clone(),
             shard: self.shard,
             dir: self.dir.clone(),
         };
-        let busy = self.checkpointing.clone();
         monoio::spawn(async move {
-            match writer.write(generation, snapshot).await {
-                Ok(()) => writer.remove_older_than(generation),
-                Err(error) => tracing::warn!(
-                    shard = writer.shard,
-                    %error,
-                    "checkpoint failed; the journals it would replace are kept"
-                ),
+            loop {
+                let next = checkpoints.next.borrow_mut().take();
+                let Some((generation, snapshot)) = next else {
+                    break;
+                };
+                match writer.write(generation, snapshot).await {
+                    Ok(()) => writer.remove_older_than(generation),
+                    Err(error) => tracing::warn!(
+                        shard = writer.shard,
+                        %error,
+                        "checkpoint failed; the journals it would replace are kept"
+                    ),
+                }
             }
-            busy.set(false);
+            checkpoints.writing.set(false);
         });
     }
+}
+
+/// A journal's checkpoints in the background ([`Journal::start_checkpoint`]).
+#[derive(Default)]
+struct Checkpoints {
+    /// Whether a writer task runs.
+    writing: Cell<bool>,
+    /// The newest checkpoint asked for and not yet started: its generation, and the
+    /// index as of that generation's start.
+    next: RefCell<Option<(u64, Snapshot)>>,
 }
 
 /// Writes a checkpoint file from an index snapshot.
@@ -485,7 +508,7 @@ struct CheckpointWriter<D: Disk> {
 }
 
 impl<D: Disk> CheckpointWriter<D> {
-    async fn write(&self, generation: u64, snapshot: Vec<(BlobKey, Rc<Entry>)>) -> Result<()> {
+    async fn write(&self, generation: u64, snapshot: Snapshot) -> Result<()> {
         let path = self.dir.join(format::checkpoint_file_name(generation));
         let _ = self.disk.remove(&path); // a leftover from a crash during an earlier try
         let file = self
