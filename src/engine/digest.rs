@@ -24,7 +24,9 @@
 //! - a unit whose peer cannot take it or never answers (a full inbox, a shard shutting
 //!   down) is hashed here, from the bytes kept until its digest is in;
 //! - the first unit is always hashed here, so that a blob of at most one unit needs no
-//!   tree: its hash is the unit's root hash.
+//!   tree: its hash is the unit's root hash;
+//! - a peer hashes a unit in one go, so its own requests wait at most one unit's
+//!   hashing behind it (see [`DIGEST_UNIT_BYTES`]).
 
 use std::cell::Cell;
 use std::collections::VecDeque;
@@ -42,20 +44,21 @@ use super::types::BlobKey;
 /// The span of a blob's stream that one shard hashes at a time. A power of two of
 /// BLAKE3 chunks (1024 bytes) and a multiple of [`CHUNK_BYTES`], so that every unit is
 /// a subtree of BLAKE3's tree and covers whole CRC chunks.
-pub const DIGEST_UNIT_BYTES: u64 = 1 << 20;
+/// 256 KiB: a peer hashes a unit in one go (monoio re-polls a task that wakes itself
+/// before any other, so a yield inside it would not let the peer's other requests in),
+/// about 0.11 ms on the development VM, which bounds how long those requests wait.
+pub const DIGEST_UNIT_BYTES: u64 = 256 << 10;
 const _: () = assert!(DIGEST_UNIT_BYTES.is_power_of_two());
 const _: () = assert!(DIGEST_UNIT_BYTES >= blake3::CHUNK_LEN as u64);
 const _: () = assert!(DIGEST_UNIT_BYTES.is_multiple_of(CHUNK_BYTES));
 
-/// Units an ingest shard may have away at peers (gathered or being hashed) at once.
-pub const OFFLOAD_UNITS_MAX: usize = 4;
+/// Units an ingest shard may have away at peers (gathered or being hashed) at once:
+/// 2 MiB of shared upload bytes.
+pub const OFFLOAD_UNITS_MAX: usize = 8;
 
 /// Units kept in stream order behind one whose digest has not come back yet, before
 /// the upload waits for it (each is a chaining value and 16 CRCs).
 const QUEUED_UNITS_MAX: usize = 64;
-
-/// Bytes a peer hashes between two yields to its other tasks (~30 µs here).
-const PEER_STEP_BYTES: usize = CHUNK_BYTES as usize;
 
 /// The CRCs of a stream's 64 KiB chunks, computed as bytes arrive.
 #[derive(Default)]
@@ -143,39 +146,13 @@ impl UnitHasher {
         )
     }
 
-    /// A peer's work: the unit at `offset` whose bytes are `pieces`, yielding to the
-    /// peer's other tasks every [`PEER_STEP_BYTES`].
-    pub async fn digest_yielding(offset: u64, pieces: &[Bytes]) -> UnitDigest {
-        let mut unit = UnitHasher::new(offset);
-        for piece in pieces {
-            for step in piece.chunks(PEER_STEP_BYTES) {
-                unit.update(step);
-                yield_now().await;
-            }
-        }
-        unit.finish()
-    }
-
-    fn digest(offset: u64, pieces: &[Bytes]) -> UnitDigest {
+    /// The digest of the unit at `offset` whose bytes are `pieces`: a peer's work, or
+    /// this shard's for a unit no peer took.
+    pub fn digest(offset: u64, pieces: &[Bytes]) -> UnitDigest {
         let mut unit = UnitHasher::new(offset);
         pieces.iter().for_each(|piece| unit.update(piece));
         unit.finish()
     }
-}
-
-/// Lets the runtime run its other ready tasks (and reap I/O) before going on.
-async fn yield_now() {
-    let mut yielded = false;
-    std::future::poll_fn(|cx| {
-        if yielded {
-            std::task::Poll::Ready(())
-        } else {
-            yielded = true;
-            cx.waker().wake_by_ref();
-            std::task::Poll::Pending
-        }
-    })
-    .await
 }
 
 /// One unit away at a peer, counted in its ingest shard's count of units away until

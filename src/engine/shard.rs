@@ -8,7 +8,7 @@
 //! The paths of a blob:
 //! - **Upload** ([`Shard::ingest`]): the ingest shard copies each chunk once into an
 //!   aligned buffer and writes full buffers to extents it allocates, a few writes in
-//!   flight. It hashes the stream (BLAKE3 and the chunk CRCs) in 1 MiB units, some of
+//!   flight. It hashes the stream (BLAKE3 and the chunk CRCs) in 256 KiB units, some of
 //!   which it sends, as shared `Bytes`, to peers that have no upload of their own
 //!   ([`digest`], [`Request::Digest`]). At complete it checks size and hash, appends
 //!   the CRC table, pads, fdatasyncs the segments, and sends a Put to the key's owner.
@@ -327,7 +327,7 @@ impl<D: Disk> Shard<D> {
                 reply,
             } => {
                 if !reply.is_closed() {
-                    let _ = reply.send(UnitHasher::digest_yielding(offset, &pieces).await);
+                    let _ = reply.send(UnitHasher::digest(offset, &pieces));
                 }
             }
             Request::Compact { reply } => {
