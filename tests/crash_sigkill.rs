@@ -23,11 +23,11 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use graviton::engine::{BlobKey, Engine, EngineConfig, ListQuery};
+use graviton::engine::{BlobKey, Engine, EngineConfig};
 use graviton_io::sim::SimRng;
 
-use common::read_all;
 use common::told::{content, Told};
+use common::{list_keys, read_all};
 
 const WORKERS: u64 = 6;
 const ROUNDS: u64 = 3;
@@ -187,21 +187,7 @@ fn verify(dir: &Path, told: &mut Told, round: u64) {
         .expect("tokio");
     runtime.block_on(async {
         let engine = Engine::open(config(dir)).expect("reopen after SIGKILL");
-        let mut listed = BTreeSet::new();
-        let mut after = None;
-        loop {
-            let page = engine
-                .list(ListQuery {
-                    start_after: after,
-                    prefix: Vec::new(),
-                    limit: 500,
-                })
-                .await
-                .expect("list");
-            let Some(last) = page.last() else { break };
-            after = Some(last.key);
-            listed.extend(page.into_iter().map(|m| m.key));
-        }
+        let listed: BTreeSet<BlobKey> = list_keys(&engine, 500).await.into_iter().collect();
         told.check(round, &listed, async |key| {
             read_all(&engine, key)
                 .await

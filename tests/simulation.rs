@@ -26,6 +26,8 @@
 //! (default 0); `GRAVITON_SIM_SEED=S` runs one.
 //! A failure names its seed.
 
+mod common;
+
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
@@ -41,6 +43,8 @@ use bytes::Bytes;
 use graviton::engine::{BlobKey, ByteRange, Engine, EngineConfig, Error, ListQuery};
 use graviton_io::sim::{Faults, SimDisk, SimRng};
 use graviton_io::Disk;
+
+use common::list_keys;
 
 const SHARDS: usize = 3;
 const SEGMENT_BYTES: u64 = 2 << 20;
@@ -504,38 +508,11 @@ fn pick_key(model: &RefCell<Model>, rng: &mut SimRng) -> BlobKey {
     *model.contents.keys().nth(pick).expect("in range")
 }
 
-/// Every stored blob, through paginated listing across shards.
-async fn list_all(engine: &Engine) -> Vec<BlobKey> {
-    let mut keys = Vec::new();
-    let mut after = None;
-    loop {
-        let page = engine
-            .list(ListQuery {
-                start_after: after,
-                prefix: Vec::new(),
-                limit: 7,
-            })
-            .await
-            .expect("list");
-        if page.is_empty() {
-            return keys;
-        }
-        for meta in &page {
-            assert!(
-                keys.last().is_none_or(|last| *last < meta.key),
-                "listing out of order"
-            );
-            keys.push(meta.key);
-        }
-        after = keys.last().copied();
-    }
-}
-
 /// After a restart: what must be there is, exactly; what must not, isn't.
 /// Checks the reopened store against the model. Corruption is reported, never returned
 /// as bytes; and until the disk has flipped a bit (`rot`), there may be none at all.
 async fn verify(engine: &Engine, model: &Model, seed: u64, life: usize, rot: bool) {
-    let listed: BTreeSet<BlobKey> = list_all(engine).await.into_iter().collect();
+    let listed: BTreeSet<BlobKey> = list_keys(engine, 7).await.into_iter().collect();
     for (key, content) in &model.present {
         assert!(
             listed.contains(key),
@@ -685,7 +662,7 @@ fn run_seed(seed: u64) -> String {
                 eprintln!("life {life} compacted");
             }
             verify(&engine, &check_model.borrow(), seed, life, rot).await;
-            let live: u64 = list_all(&engine)
+            let live: u64 = list_keys(&engine, 7)
                 .await
                 .iter()
                 .map(|key| stream_bytes(check_model.borrow().contents[key].len() as u64))

@@ -506,18 +506,27 @@ async fn prepare_download(client: &Client, pool: &Pool, s: &Streams) -> Result<W
 fn prepare_put_small(client: &Client, pool: &Pool, s: &Small) -> Result<Workload> {
     require(s.size > 0, "--size must be positive")?;
     let (client, pool, size) = (client.clone(), pool.clone(), s.size);
-    let op: Op = Arc::new(move |index| {
-        let (client, blob) = (client.clone(), pool.blob(index, size, size as usize));
-        async move {
-            client.upload(index, &blob).await?;
-            Ok(Done {
-                kind: "put",
-                bytes: size,
-            })
-        }
-        .boxed()
-    });
+    let op: Op = Arc::new(move |index| small_put(&client, &pool, index, size, index));
     s.load.workload(op)
+}
+
+/// Uploads blob `id` of `size` bytes, in one chunk, as operation `index`.
+fn small_put(
+    client: &Client,
+    pool: &Pool,
+    id: u64,
+    size: u64,
+    index: u64,
+) -> BoxFuture<'static, Result<Done>> {
+    let (client, blob) = (client.clone(), pool.blob(id, size, size as usize));
+    async move {
+        client.upload(index, &blob).await?;
+        Ok(Done {
+            kind: "put",
+            bytes: size,
+        })
+    }
+    .boxed()
 }
 
 /// Reads a random blob of `keys` (blob `id` was uploaded as `pool.blob(id, size, size)`).
@@ -613,18 +622,7 @@ async fn prepare_mixed(client: &Client, pool: &Pool, s: &Mixed) -> Result<Worklo
             return small_get(&client, &pool, &keys, size, index);
         }
         // Puts take ids above the setup's, so they never repeat a stored blob.
-        let (client, blob) = (
-            client.clone(),
-            pool.blob(blobs + index, size, size as usize),
-        );
-        async move {
-            client.upload(index, &blob).await?;
-            Ok(Done {
-                kind: "put",
-                bytes: size,
-            })
-        }
-        .boxed()
+        small_put(&client, &pool, blobs + index, size, index)
     });
     s.load.workload(op)
 }

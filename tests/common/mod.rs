@@ -69,3 +69,29 @@ pub async fn list_first(engine: &Engine, limit: usize) -> Vec<BlobMeta> {
         .await
         .expect("list")
 }
+
+/// Every stored key, through listing in pages of `page` (small pages cross the shards'
+/// merge many times); panics if the listing is ever out of key order or repeats a key.
+pub async fn list_keys(engine: &Engine, page: usize) -> Vec<BlobKey> {
+    let mut keys: Vec<BlobKey> = Vec::new();
+    loop {
+        let listed = engine
+            .list(ListQuery {
+                start_after: keys.last().copied(),
+                prefix: Vec::new(),
+                limit: page,
+            })
+            .await
+            .expect("list");
+        if listed.is_empty() {
+            return keys;
+        }
+        for meta in &listed {
+            assert!(
+                keys.last().is_none_or(|last| *last < meta.key),
+                "listing out of order"
+            );
+            keys.push(meta.key);
+        }
+    }
+}
