@@ -57,6 +57,9 @@ pub struct Journal<D: Disk> {
     dir: PathBuf,
     capacity_bytes: u64,
     state: RefCell<State<D::File>>,
+    /// The buffer appends are built in, kept between appends: a fresh 4 KiB-aligned
+    /// allocation per append left the allocator's heaps fragmented (BENCHMARKS.md §1).
+    append_buf: Cell<Option<AlignedBuf>>,
     /// Count of records durable and applied (tickets are record counts).
     durable: Signal,
     poisoned: Rc<Cell<bool>>,
@@ -153,6 +156,7 @@ impl<D: Disk> Journal<D> {
                 flushing: false,
                 pending: HashMap::new(),
             }),
+            append_buf: Cell::new(None),
             durable: Signal::default(),
             poisoned,
             checkpoints: Rc::default(),
@@ -372,11 +376,20 @@ impl<D: Disk> Journal<D> {
 
     /// Writes `bytes` at the durable end (with the partial last block rewritten in
     /// front of them) with one `O_DSYNC` write.
+    ///
+    /// The image is built in the journal's one append buffer, reused from append to
+    /// append (appends never overlap: the flusher is the only writer).
     async fn append_durably(&self, bytes: &[u8]) -> Result<()> {
         let (file, path, block_start, mut image) = {
             let state = self.state.borrow();
             let block_start = round_down_u64(state.end, ALIGN);
-            let mut image = state.tail.clone();
+            let needed = state.tail.len() + bytes.len();
+            let mut image = match self.append_buf.take() {
+                Some(buf) if buf.capacity() >= needed => buf,
+                _ => AlignedBuf::zeroed(needed.max(self.append_buf_bytes())),
+            };
+            image.set_len(0);
+            image.extend_from_slice(&state.tail);
             image.extend_from_slice(bytes);
             (
                 state.file_clone(),
@@ -386,15 +399,26 @@ impl<D: Disk> Journal<D> {
             )
         };
         let new_end = block_start + image.len() as u64;
-        let tail_start = round_down_u64(new_end, ALIGN) - block_start;
-        let tail = image[tail_start as usize..].to_vec();
-        image.resize(image.len().next_multiple_of(ALIGN as usize), 0);
-        let (result, _) = file.write_at_durable(aligned(&image), block_start).await;
-        result.map_err(|e| Error::io("O_DSYNC write", &path, block_start, e))?;
-        let mut state = self.state.borrow_mut();
-        state.end = new_end;
-        state.tail = tail;
-        Ok(())
+        let tail_start = (round_down_u64(new_end, ALIGN) - block_start) as usize;
+        image.pad_zeroed_to(image.len().next_multiple_of(ALIGN as usize));
+        let (result, image) = file.write_at_durable(image, block_start).await;
+        let new_tail = &image.as_slice()[tail_start..(new_end - block_start) as usize];
+        {
+            let mut state = self.state.borrow_mut();
+            if result.is_ok() {
+                state.end = new_end;
+                state.tail.clear();
+                state.tail.extend_from_slice(new_tail);
+            }
+        }
+        self.append_buf.set(Some(image));
+        result.map_err(|e| Error::io("O_DSYNC write", &path, block_start, e))
+    }
+
+    /// Capacity of the append buffer: the largest append plus the partial block
+    /// rewritten in front of it.
+    fn append_buf_bytes(&self) -> usize {
+        (append_bytes_max(self.capacity_bytes) + ALIGN) as usize
     }
 
     /// Rotates now (see [`Journal::rotate`]) as the flusher: waits until no flush runs,

@@ -794,7 +794,14 @@ impl<D: Disk> Shard<D> {
         let table_to = entry.size + 4 * last;
         let read_from = round_down_u64(table_from, ALIGN);
         let read_to = round_up_u64(table_to, ALIGN);
-        let buf = AlignedBuf::zeroed((read_to - read_from) as usize);
+        // A ranged read's few CRCs fit a small read buffer (taken while no other buffer
+        // is held, and given back on return); only a long range's table needs its own.
+        let len = (read_to - read_from) as usize;
+        let buf = if len <= self.small_read_pool.buf_bytes() {
+            self.small_read_pool.take().await
+        } else {
+            AlignedBuf::zeroed(len)
+        };
         let buf = self
             .read_stream(&entry.location, files, read_from, read_to - read_from, buf)
             .await?;
