@@ -57,8 +57,9 @@ pub struct Journal<D: Disk> {
     dir: PathBuf,
     capacity_bytes: u64,
     state: RefCell<State<D::File>>,
-    /// The buffer appends are built in, kept between appends: a fresh 4 KiB-aligned
-    /// allocation per append left the allocator's heaps fragmented (BENCHMARKS.md §1).
+    /// The buffer appends are built in, kept between appends (at most the largest
+    /// append plus one block): a fresh 4 KiB-aligned allocation per append left the
+    /// allocator's heaps fragmented (BENCHMARKS.md §2, "Found on 2026-12-04").
     append_buf: Cell<Option<AlignedBuf>>,
     /// Count of records durable and applied (tickets are record counts).
     durable: Signal,
