@@ -435,6 +435,83 @@ fn rotate_twice_on_the_sim(seed: u64) -> (bool, bool) {
     outcome
 }
 
+#[test]
+fn a_shutdown_waits_for_the_running_checkpoint() {
+    let mut met_a_running_checkpoint = 0;
+    for seed in 0..24 {
+        let (settled, running) = rotate_and_shut_down_on_the_sim(seed);
+        assert!(
+            settled,
+            "seed {seed}: after a clean shutdown the newest generation has no complete \
+             checkpoint, or older journals stayed (reopening would replay history)"
+        );
+        met_a_running_checkpoint += usize::from(running);
+    }
+    assert!(
+        met_a_running_checkpoint > 0,
+        "no seed shut down while the rotation's checkpoint was still being written"
+    );
+}
+
+/// Fills a one-shard store on the simulated disk, rotates, and shuts down at once; then
+/// checks the files the shutdown left: the checkpoint of the current generation, and no
+/// older journal (removed only once that checkpoint is durable). Returns whether they were so, and whether the checkpoint had
+/// not been written yet when the shutdown was asked for.
+fn rotate_and_shut_down_on_the_sim(seed: u64) -> (bool, bool) {
+    use graviton_io::sim::{Faults, SimDisk};
+    use graviton_io::Disk;
+    let disk = SimDisk::new(
+        seed,
+        Faults {
+            max_yields: 16,
+            ..Faults::default()
+        },
+    );
+    let shard = Path::new("/sim/shard-000");
+    let journals = || -> Vec<u64> {
+        let mut found: Vec<u64> = disk
+            .list(shard)
+            .expect("list")
+            .iter()
+            .filter_map(|name| {
+                name.strip_prefix("journal-")?
+                    .strip_suffix(".log")
+                    .map(String::from)
+            })
+            .filter_map(|hex| u64::from_str_radix(&hex, 16).ok())
+            .collect();
+        found.sort_unstable();
+        found
+    };
+    let mut runtime = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+        .enable_timer()
+        .build()
+        .expect("runtime");
+    let outcome = runtime.block_on(async {
+        monoio::spawn(graviton_io::sim::yield_pump());
+        let mut config = config(Path::new("/sim"));
+        config.journal_bytes = 64 * 1024;
+        let engine = Engine::open_local(config, disk.clone())
+            .await
+            .expect("open");
+        for n in 0..1500u32 {
+            put(&engine, format!("seed {seed} blob {n}").as_bytes()).await;
+        }
+        let before = current_generation(&disk, shard, &journals()).await;
+        engine.rotate().await.expect("rotate");
+        // The checkpoint of the rotation removes journal `before` once it is written.
+        let running = journals().contains(&before);
+        engine.shutdown().await.expect("shutdown");
+        // Older journals are removed only once the checkpoint of `current` is durable.
+        let current = current_generation(&disk, shard, &journals()).await;
+        let checkpoint = format!("checkpoint-{current:016x}.idx");
+        let listed = disk.list(shard).expect("list").contains(&checkpoint);
+        (listed && journals()[0] == current, running)
+    });
+    graviton_io::sim::stop_yield_pump();
+    outcome
+}
+
 /// The newest of `journals` (generations, ascending) with a header: the current one (a
 /// spare has none).
 async fn current_generation(

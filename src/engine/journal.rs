@@ -21,7 +21,10 @@
 //!   for the new generation in the background (one at a time: a rotation during a
 //!   checkpoint has its own written next); once that checkpoint is durable, older
 //!   journals and checkpoints are removed. Reopening reads one checkpoint and the
-//!   journals after it, so it grows with live blobs, not with history.
+//!   journals after it, so it grows with live blobs, not with history;
+//! - a clean shutdown waits for the checkpoint being written (and one asked for
+//!   meanwhile), so a store shut down and opened again and again does not pile up
+//!   journals to replay.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -511,7 +514,22 @@ impl<D: Disk> Journal<D> {
                 }
             }
             checkpoints.writing.set(false);
+            checkpoints.idle.notify();
         });
+    }
+
+    /// Resolves once no checkpoint is being written or waits to be. A shutdown waits
+    /// for this: a checkpoint dropped half-written leaves reopening to replay every
+    /// journal since the last complete one, and each open followed by a quick shutdown
+    /// would add one (the history would grow with restarts).
+    pub async fn checkpoints_written(&self) {
+        loop {
+            let seen = self.checkpoints.idle.generation();
+            if !self.checkpoints.writing.get() {
+                return;
+            }
+            self.checkpoints.idle.changed(seen).await;
+        }
     }
 }
 
@@ -523,6 +541,8 @@ struct Checkpoints {
     /// The newest checkpoint asked for and not yet started: its generation, and the
     /// index as of that generation's start.
     next: RefCell<Option<(u64, Snapshot)>>,
+    /// Notified when the writer task ends (`writing` turned false).
+    idle: Signal,
 }
 
 /// Writes a checkpoint file from an index snapshot.

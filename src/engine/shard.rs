@@ -251,6 +251,7 @@ impl<D: Disk> Shard<D> {
                 if let Err(error) = self.journal.wait(last, &self.index).await {
                     tracing::error!(shard = self.id, %error, "final journal flush failed");
                 }
+                self.journal.checkpoints_written().await;
                 let _ = reply.send(());
                 return;
             }
