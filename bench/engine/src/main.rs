@@ -11,7 +11,11 @@
 //!   compacts, and again for as long without compaction: what compaction costs the
 //!   foreground (the engine issue: space comes back "without stalling foreground reads
 //!   and writes");
-//! - `reopen`: a store of `--reopen-blobs` small blobs shut down and opened again.
+//! - `reopen`: a store of `--reopen-blobs` small blobs (those the earlier scenarios left,
+//!   then a fill of 200-byte blobs with `--reopen-attributes` attributes each) shut down
+//!   and opened again; then what the opened store's index costs in memory: the resident
+//!   size of a fresh process that opens it, less that of one that opens an empty store,
+//!   per blob.
 //!
 //! All content is random and distinct per blob, generated before timing. Each result is
 //! printed as a line and written as one JSON object per line to `--json`.
@@ -59,6 +63,13 @@ struct Args {
     /// Blobs in the store that `reopen` reopens (0: skip).
     #[arg(long, default_value_t = 1_000_000)]
     reopen_blobs: usize,
+    /// Attributes each blob of the reopen fill carries (`content-type`, then `attr-1`, …).
+    #[arg(long, default_value_t = 0)]
+    reopen_attributes: usize,
+    /// Only open the store in `--data-dir` (not emptied), print its resident size as a
+    /// JSON line, and exit: what `reopen` runs in a child process.
+    #[arg(long, hide = true)]
+    measure_open: bool,
     /// JSON lines output.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -94,8 +105,16 @@ fn random_pool(bytes: usize, seed: u64) -> Bytes {
 }
 
 async fn put(engine: &Engine, content: Bytes) -> BlobKey {
+    put_with(engine, content, BTreeMap::new()).await
+}
+
+async fn put_with(
+    engine: &Engine,
+    content: Bytes,
+    attributes: BTreeMap<String, String>,
+) -> BlobKey {
     let mut upload = engine
-        .upload(Some(content.len() as u64), BTreeMap::new())
+        .upload(Some(content.len() as u64), attributes)
         .await
         .expect("upload");
     upload.write(content).await.expect("write");
@@ -387,10 +406,12 @@ async fn run(args: Args) {
     let more = args.reopen_blobs.saturating_sub(stored);
     if args.reopen_blobs > 0 {
         let tiny = random_pool(more + 256, 4);
+        let attributes = reopen_attributes(args.reopen_attributes);
         let (fill, _) = concurrent(more, args.concurrency.max(256), |i| {
             let (engine, content) = (engine.clone(), tiny.slice(i..i + 200));
+            let attributes = attributes.clone();
             async move {
-                put(&engine, content).await;
+                put_with(&engine, content, attributes).await;
             }
         })
         .await;
@@ -407,11 +428,23 @@ async fn run(args: Args) {
             .filter(|m| m.is_some())
             .count();
         assert_eq!(listed, keys.len().min(1000), "blobs missing after reopen");
-        report.add(
-            json!({"scenario": "reopen", "blobs": stored + more, "seconds": elapsed.as_secs_f64(),
-            "fill_seconds": fill.as_secs_f64()}),
-        );
         engine.shutdown().await.expect("shutdown");
+        drop(engine);
+        let blobs = stored + more;
+        let empty_dir = args.data_dir.with_extension("empty");
+        let _ = std::fs::remove_dir_all(&empty_dir);
+        let rss_empty = open_rss_kib(&args, &empty_dir);
+        let rss_full = open_rss_kib(&args, &args.data_dir);
+        let _ = std::fs::remove_dir_all(&empty_dir);
+        let index_bytes_per_blob =
+            (rss_full.saturating_sub(rss_empty) * 1024) as f64 / blobs as f64;
+        report.add(
+            json!({"scenario": "reopen", "blobs": blobs, "seconds": elapsed.as_secs_f64(),
+            "fill_seconds": fill.as_secs_f64(), "attributes": args.reopen_attributes,
+            "blobs_with_attributes": if args.reopen_attributes > 0 { more } else { 0 },
+            "rss_empty_kib": rss_empty, "rss_opened_kib": rss_full,
+            "index_bytes_per_blob": index_bytes_per_blob}),
+        );
     } else {
         engine.shutdown().await.expect("shutdown");
     }
@@ -424,15 +457,81 @@ async fn run(args: Args) {
 
 fn main() {
     tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
         .init();
     let args = Args::parse();
+    if args.measure_open {
+        measure_open(&args);
+        return;
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .expect("tokio");
     runtime.block_on(run(args));
+}
+
+/// `n` attributes: a content type, then numbered ones with values of a typical length.
+fn reopen_attributes(n: usize) -> BTreeMap<String, String> {
+    (0..n)
+        .map(|i| match i {
+            0 => (
+                "content-type".to_string(),
+                "application/octet-stream".to_string(),
+            ),
+            i => (format!("attr-{i}"), format!("value-of-attribute-{i}")),
+        })
+        .collect()
+}
+
+/// Opens the store in `--data-dir` as it is, waits until a stat has gone through every
+/// shard, and prints this process's resident size (`VmRSS`, KiB) as one JSON line.
+fn measure_open(args: &Args) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio");
+    runtime.block_on(async {
+        let engine = Engine::open(config(args)).expect("open");
+        let probes: Vec<BlobKey> = (0..=255u8).map(|b| BlobKey([b; 32])).collect();
+        engine.stat_many(&probes).await.expect("stat");
+        println!("{}", json!({"rss_kib": vm_rss_kib()}));
+        engine.shutdown().await.expect("shutdown");
+    });
+}
+
+/// Runs `measure_open` on `dir` in a child process (same shards) and returns its
+/// resident size in KiB: a fresh process, so nothing freed earlier is counted.
+fn open_rss_kib(args: &Args, dir: &std::path::Path) -> u64 {
+    let mut command = std::process::Command::new(std::env::current_exe().expect("own path"));
+    command.arg("--measure-open").arg("--data-dir").arg(dir);
+    if let Some(shards) = args.shards {
+        command.arg("--shards").arg(shards.to_string());
+    }
+    let output = command.output().expect("run the open measurement");
+    assert!(
+        output.status.success(),
+        "open measurement failed: {output:?}"
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let line = stdout
+        .lines()
+        .find(|line| line.starts_with("{\"rss_kib\""))
+        .expect("its JSON line");
+    let value: serde_json::Value = serde_json::from_str(line).expect("its JSON line");
+    value["rss_kib"].as_u64().expect("rss_kib")
+}
+
+fn vm_rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/self/status")
 }
