@@ -369,50 +369,13 @@ fn a_rotation_during_a_checkpoint_has_its_own_checkpoint_written_next() {
 /// whether they did, and whether the second rotation found the first one's checkpoint
 /// not yet written.
 fn rotate_twice_on_the_sim(seed: u64) -> (bool, bool) {
-    use graviton_io::sim::{Faults, SimDisk};
-    use graviton_io::Disk;
-    let disk = SimDisk::new(
-        seed,
-        Faults {
-            max_yields: 16,
-            ..Faults::default()
-        },
-    );
-    let shard = Path::new("/sim/shard-000");
-    let generations = |prefix: &str, suffix: &str| -> Vec<u64> {
-        let mut found: Vec<u64> = disk
-            .list(shard)
-            .expect("list")
-            .iter()
-            .filter_map(|name| {
-                name.strip_prefix(prefix)?
-                    .strip_suffix(suffix)
-                    .map(String::from)
-            })
-            .filter_map(|hex| u64::from_str_radix(&hex, 16).ok())
-            .collect();
-        found.sort_unstable();
-        found
-    };
-    let mut runtime = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
-        .enable_timer()
-        .build()
-        .expect("runtime");
-    let outcome = runtime.block_on(async {
-        monoio::spawn(graviton_io::sim::yield_pump());
-        let mut config = config(Path::new("/sim"));
-        config.journal_bytes = 64 * 1024;
-        let engine = Engine::open_local(config, disk.clone())
-            .await
-            .expect("open");
-        for n in 0..1500u32 {
-            put(&engine, format!("seed {seed} blob {n}").as_bytes()).await;
-        }
+    on_a_filled_sim_store(seed, async |engine, disk, shard| {
+        let generations = |prefix: &str, suffix: &str| sim_generations(disk, shard, prefix, suffix);
         // Let the fill's own rotations and checkpoints finish.
         for _ in 0..20_000 {
             graviton_io::sim::yield_now().await;
         }
-        let first = current_generation(&disk, shard, &generations("journal-", ".log")).await;
+        let first = current_generation(disk, shard, &generations("journal-", ".log")).await;
         engine.rotate().await.expect("rotate");
         engine.rotate().await.expect("rotate");
         // The first rotation's checkpoint, which removes journal `first`, had not been
@@ -421,7 +384,7 @@ fn rotate_twice_on_the_sim(seed: u64) -> (bool, bool) {
         let mut settled = false;
         for _ in 0..200_000 {
             let journals = generations("journal-", ".log");
-            let current = current_generation(&disk, shard, &journals).await;
+            let current = current_generation(disk, shard, &journals).await;
             if generations("checkpoint-", ".idx").contains(&current) && journals[0] == current {
                 settled = true;
                 break;
@@ -430,9 +393,7 @@ fn rotate_twice_on_the_sim(seed: u64) -> (bool, bool) {
         }
         engine.shutdown().await.expect("shutdown");
         (settled, met_a_running_checkpoint)
-    });
-    graviton_io::sim::stop_yield_pump();
-    outcome
+    })
 }
 
 #[test]
@@ -455,11 +416,34 @@ fn a_shutdown_waits_for_the_running_checkpoint() {
 
 /// Fills a one-shard store on the simulated disk, rotates, and shuts down at once; then
 /// checks the files the shutdown left: the checkpoint of the current generation, and no
-/// older journal (removed only once that checkpoint is durable). Returns whether they were so, and whether the checkpoint had
-/// not been written yet when the shutdown was asked for.
+/// older journal (removed only once that checkpoint is durable). Returns whether they
+/// were so, and whether the checkpoint had not been written yet when the shutdown was
+/// asked for.
 fn rotate_and_shut_down_on_the_sim(seed: u64) -> (bool, bool) {
-    use graviton_io::sim::{Faults, SimDisk};
     use graviton_io::Disk;
+    on_a_filled_sim_store(seed, async |engine, disk, shard| {
+        let journals = || sim_generations(disk, shard, "journal-", ".log");
+        let before = current_generation(disk, shard, &journals()).await;
+        engine.rotate().await.expect("rotate");
+        // The checkpoint of the rotation removes journal `before` once it is written.
+        let running = journals().contains(&before);
+        engine.shutdown().await.expect("shutdown");
+        // Older journals are removed only once the checkpoint of `current` is durable.
+        let current = current_generation(disk, shard, &journals()).await;
+        let checkpoint = format!("checkpoint-{current:016x}.idx");
+        let listed = disk.list(shard).expect("list").contains(&checkpoint);
+        (listed && journals()[0] == current, running)
+    })
+}
+
+/// Runs `body` on a one-shard store on the simulated disk of `seed` (64 KiB journals:
+/// many rotations, and a checkpoint larger than a journal), filled with 1,500 blobs;
+/// `body` gets the engine, the disk and the shard's directory, and shuts the engine down.
+fn on_a_filled_sim_store<T>(
+    seed: u64,
+    body: impl AsyncFnOnce(&Engine, &graviton_io::sim::SimDisk, &Path) -> T,
+) -> T {
+    use graviton_io::sim::{Faults, SimDisk};
     let disk = SimDisk::new(
         seed,
         Faults {
@@ -467,22 +451,6 @@ fn rotate_and_shut_down_on_the_sim(seed: u64) -> (bool, bool) {
             ..Faults::default()
         },
     );
-    let shard = Path::new("/sim/shard-000");
-    let journals = || -> Vec<u64> {
-        let mut found: Vec<u64> = disk
-            .list(shard)
-            .expect("list")
-            .iter()
-            .filter_map(|name| {
-                name.strip_prefix("journal-")?
-                    .strip_suffix(".log")
-                    .map(String::from)
-            })
-            .filter_map(|hex| u64::from_str_radix(&hex, 16).ok())
-            .collect();
-        found.sort_unstable();
-        found
-    };
     let mut runtime = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
         .enable_timer()
         .build()
@@ -497,19 +465,30 @@ fn rotate_and_shut_down_on_the_sim(seed: u64) -> (bool, bool) {
         for n in 0..1500u32 {
             put(&engine, format!("seed {seed} blob {n}").as_bytes()).await;
         }
-        let before = current_generation(&disk, shard, &journals()).await;
-        engine.rotate().await.expect("rotate");
-        // The checkpoint of the rotation removes journal `before` once it is written.
-        let running = journals().contains(&before);
-        engine.shutdown().await.expect("shutdown");
-        // Older journals are removed only once the checkpoint of `current` is durable.
-        let current = current_generation(&disk, shard, &journals()).await;
-        let checkpoint = format!("checkpoint-{current:016x}.idx");
-        let listed = disk.list(shard).expect("list").contains(&checkpoint);
-        (listed && journals()[0] == current, running)
+        body(&engine, &disk, Path::new("/sim/shard-000")).await
     });
     graviton_io::sim::stop_yield_pump();
     outcome
+}
+
+/// Generations of the files named `<prefix><16 hex digits><suffix>` in `shard` on the
+/// simulated disk, ascending.
+fn sim_generations(
+    disk: &graviton_io::sim::SimDisk,
+    shard: &Path,
+    prefix: &str,
+    suffix: &str,
+) -> Vec<u64> {
+    use graviton_io::Disk;
+    let mut found: Vec<u64> = disk
+        .list(shard)
+        .expect("list")
+        .iter()
+        .filter_map(|name| name.strip_prefix(prefix)?.strip_suffix(suffix))
+        .filter_map(|hex| u64::from_str_radix(hex, 16).ok())
+        .collect();
+    found.sort_unstable();
+    found
 }
 
 /// The newest of `journals` (generations, ascending) with a header: the current one (a

@@ -467,12 +467,16 @@ fn main() {
         measure_open(&args);
         return;
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    runtime().block_on(run(args));
+}
+
+/// The tokio runtime the engine's callers run on: two workers.
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
-        .expect("tokio");
-    runtime.block_on(run(args));
+        .expect("tokio")
 }
 
 /// `n` attributes: a content type, then numbered ones with values of a typical length.
@@ -491,12 +495,7 @@ fn reopen_attributes(n: usize) -> BTreeMap<String, String> {
 /// Opens the store in `--data-dir` as it is, waits until a stat has gone through every
 /// shard, and prints this process's resident size (`VmRSS`, KiB) as one JSON line.
 fn measure_open(args: &Args) {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio");
-    runtime.block_on(async {
+    runtime().block_on(async {
         let engine = Engine::open(config(args)).expect("open");
         let probes: Vec<BlobKey> = (0..=255u8).map(|b| BlobKey([b; 32])).collect();
         engine.stat_many(&probes).await.expect("stat");
