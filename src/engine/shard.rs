@@ -1141,9 +1141,12 @@ fn unix_now_ns() -> u64 {
         .map_or(0, |d| d.as_nanos() as u64)
 }
 
-/// An upload's hashing help from its shard's peers: each unit after the first goes, in
-/// turn, to this shard or to one of the peers that have no upload of their own, while
-/// fewer than [`digest::OFFLOAD_UNITS_MAX`] of this shard's units are away. A peer's
+/// An upload's hashing help from its shard's peers: the units go in turn to this shard
+/// (one unit) and then to each peer that has no upload of its own (two units each),
+/// while fewer than [`digest::OFFLOAD_UNITS_MAX`] of this shard's units are away. Two,
+/// because this shard also copies every byte into the write buffers: with one idle peer
+/// on the development VM, its thread was 48–70% busy against the peer's 17–27% at an
+/// even split, and a third for this shard wrote 7% faster (BENCHMARKS.md §1). A peer's
 /// full inbox is no wait: the unit is hashed here.
 struct PeerHashing<D: Disk>(Rc<Shard<D>>);
 
@@ -1155,8 +1158,8 @@ impl<D: Disk> Offload for PeerHashing<D> {
                 peer != shard.id && shard.statuses[peer].active_uploads.load(Ordering::Relaxed) == 0
             })
             .collect();
-        let turn = (offset / digest::DIGEST_UNIT_BYTES) as usize % (idle.len() + 1);
-        let peer = *idle.get(turn.checked_sub(1)?)?;
+        let turn = (offset / digest::DIGEST_UNIT_BYTES) as usize % (2 * idle.len() + 1);
+        let peer = *idle.get(turn.checked_sub(1)? / 2)?;
         Some((peer, AwayPermit::take(&shard.offload_units)?))
     }
 
