@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use clap::Parser;
 use graviton::engine::{BlobKey, Engine, EngineConfig};
+use graviton_bench::host::status_field_kib;
 use hdrhistogram::Histogram;
 use rand::{Rng, RngCore, SeedableRng};
 use serde_json::json;
@@ -499,7 +500,8 @@ fn measure_open(args: &Args) {
         let engine = Engine::open(config(args)).expect("open");
         let probes: Vec<BlobKey> = (0..=255u8).map(|b| BlobKey([b; 32])).collect();
         engine.stat_many(&probes).await.expect("stat");
-        println!("{}", json!({"rss_kib": vm_rss_kib()}));
+        let rss_kib = status_field_kib(std::process::id(), "VmRSS").expect("VmRSS");
+        println!("{}", json!({ "rss_kib": rss_kib }));
         engine.shutdown().await.expect("shutdown");
     });
 }
@@ -524,13 +526,4 @@ fn open_rss_kib(args: &Args, dir: &std::path::Path) -> u64 {
         .expect("its JSON line");
     let value: serde_json::Value = serde_json::from_str(line).expect("its JSON line");
     value["rss_kib"].as_u64().expect("rss_kib")
-}
-
-fn vm_rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in /proc/self/status")
 }
