@@ -7,6 +7,8 @@
 //! - [`disk`]: the small file interface the storage engine is written against ([`Disk`],
 //!   [`DiskFile`]), and its real implementation, [`DirectDisk`]: files opened `O_DIRECT`
 //!   and driven by the shard's monoio ring (io_uring, or the epoll fallback).
+//! - [`memory`]: giving the heap's free pages back to the kernel after recovery and
+//!   checkpoints, which free many temporaries below long-lived index entries.
 //! - [`reaper`]: the background thread that closes files' last descriptors, so that
 //!   freeing a removed file's blocks never stalls a shard thread.
 //! - [`sim`]: a deterministic in-memory implementation of the same interface that can
@@ -19,6 +21,7 @@
 
 pub mod buf;
 pub mod disk;
+pub mod memory;
 pub mod reaper;
 pub mod shard;
 pub mod sim;

@@ -513,6 +513,9 @@ impl<D: Disk> Journal<D> {
                     ),
                 }
             }
+            // The snapshot and the encoded records were freed below the index's
+            // entries; give their pages back (see `graviton_io::memory`).
+            graviton_io::memory::release_free_heap();
             checkpoints.writing.set(false);
             checkpoints.idle.notify();
         });

@@ -33,7 +33,7 @@ use tokio::sync::mpsc;
 
 use super::error::{Error, Result};
 use super::format::{self, Decoded, Header, Record, SegmentId, ALIGN, HEADER_BYTES, UNIT_BYTES};
-use super::index::Index;
+use super::index::{CheckpointIndex, Index};
 use super::journal::{append_bytes_max, Journal};
 use super::segments::{shard_dir_name, Segments};
 use super::shard::{Request, Shard};
@@ -113,6 +113,10 @@ async fn scan_log<F: DiskFile>(
         }
     }
     let mut window: Vec<u8> = Vec::new();
+    // One read buffer for every unit: a fresh aligned buffer per unit would be carved
+    // out of the heap between the index entries being built, and the holes it leaves
+    // when freed would stay in the process for as long as it runs.
+    let mut unit = AlignedBuf::zeroed(UNIT_BYTES.min(file_len - HEADER_BYTES).max(ALIGN) as usize);
     let mut window_at = HEADER_BYTES; // file offset of window[0]
     let mut cursor = 0usize; // position in window
     let mut next_read = HEADER_BYTES;
@@ -138,7 +142,10 @@ async fn scan_log<F: DiskFile>(
             window_at += keep_from as u64;
             cursor -= keep_from;
             let len = UNIT_BYTES.min(file_len - next_read);
-            let unit = read_aligned(file, path, next_read, len).await?;
+            unit.set_len(0);
+            let (result, back) = file.read_at(unit, next_read, len as usize).await;
+            unit = back;
+            result.map_err(|e| Error::io("read", path, next_read, e))?;
             window.extend_from_slice(unit.as_slice());
             next_read += len;
             continue;
@@ -232,20 +239,23 @@ async fn load_checkpoint<D: Disk>(disk: &D, dir: &Path, generation: u64) -> Resu
     let file = disk
         .open(&path)
         .map_err(|e| Error::io("open", &path, 0, e))?;
-    let mut index = Index::default();
-    let mut puts = 0u64;
-    let scan = scan_log(&file, &path, format::CHECKPOINT_MAGIC, |record| {
-        if matches!(record, Record::Put(_)) {
-            puts += 1;
-        }
-        index.apply(record);
-    })
+    let mut puts = CheckpointIndex::default();
+    let mut others = 0u64;
+    let scan = scan_log(
+        &file,
+        &path,
+        format::CHECKPOINT_MAGIC,
+        |record| match record {
+            Record::Put(put) => puts.push(put),
+            _ => others += 1,
+        },
+    )
     .await?;
     match scan {
         Scan::Read(ScanEnd {
             end_count: Some(count),
             ..
-        }) if count == puts => Ok(Some(index)),
+        }) if count == puts.len() as u64 && others == 0 => Ok(Some(puts.finish())),
         _ => {
             tracing::warn!(path = %path.display(), "ignoring an incomplete checkpoint");
             Ok(None)
@@ -444,6 +454,8 @@ pub async fn open_shard<D: Disk>(disk: D, wiring: ShardWiring) -> Result<Rc<Shar
         poisoned.clone(),
     );
     segments.hold_reserve();
+    // Rebuilding the index freed its records' temporaries among its entries.
+    graviton_io::memory::release_free_heap();
     tracing::debug!(
         shard = wiring.id,
         blobs = index.borrow().len(),
