@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use graviton::engine::{BlobKey, Engine, EngineConfig, Error};
 
-use common::{read_all, test_dir};
+use common::{put, read_all, test_dir};
 
 fn config(dir: &Path) -> EngineConfig {
     let mut config = EngineConfig::new(dir);
@@ -29,18 +29,6 @@ fn config(dir: &Path) -> EngineConfig {
     config.journal_bytes = 1 << 20;
     config.compaction_interval = None;
     config
-}
-
-async fn put(engine: &Engine, content: &[u8]) -> BlobKey {
-    let mut upload = engine
-        .upload(Some(content.len() as u64), BTreeMap::new())
-        .await
-        .expect("upload");
-    upload
-        .write(Bytes::copy_from_slice(content))
-        .await
-        .expect("write");
-    upload.complete(None).await.expect("complete").key
 }
 
 /// Generations of the journal files in the shard's directory, in order.

@@ -6,14 +6,11 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::path::Path;
 
-use bytes::Bytes;
-use graviton::engine::{BlobKey, Engine, EngineConfig};
-use rand::{RngCore, SeedableRng};
+use graviton::engine::EngineConfig;
 
-use common::{read_all, test_dir};
+use common::{put, random, read_all, test_dir};
 
 const MIB: usize = 1 << 20;
 
@@ -26,26 +23,6 @@ fn config(dir: &Path, segment_mib: u64, free_segments_max: usize) -> EngineConfi
     config.compaction_bytes_per_sec = None;
     config.free_segments_max = free_segments_max;
     config
-}
-
-fn random(len: usize, seed: u64) -> Vec<u8> {
-    let mut bytes = vec![0u8; len];
-    rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut bytes);
-    bytes
-}
-
-async fn put(engine: &Engine, content: &[u8]) -> BlobKey {
-    let mut upload = engine
-        .upload(Some(content.len() as u64), BTreeMap::new())
-        .await
-        .expect("upload");
-    for piece in content.chunks(MIB) {
-        upload
-            .write(Bytes::copy_from_slice(piece))
-            .await
-            .expect("write");
-    }
-    upload.complete(None).await.expect("complete").key
 }
 
 /// Names in the shard's directory that start with `prefix`.

@@ -13,11 +13,10 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use graviton::engine::{BlobKey, Engine, EngineConfig, Error, CONTENT_TYPE};
-use rand::{RngCore, SeedableRng};
 
 const SMALL: u64 = 64 * 1024;
 
-use common::{read_all, test_dir};
+use common::{random, read_all, test_dir};
 
 fn open(dir: &Path) -> impl std::future::Future<Output = Engine> {
     let mut config = EngineConfig::new(dir);
@@ -25,12 +24,6 @@ fn open(dir: &Path) -> impl std::future::Future<Output = Engine> {
     config.pin_cores = false;
     config.small_blob_bytes = SMALL;
     common::open_engine(config)
-}
-
-fn random(len: usize, seed: u64) -> Vec<u8> {
-    let mut bytes = vec![0u8; len];
-    rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut bytes);
-    bytes
 }
 
 /// Uploads `content` in chunks of `chunk` bytes.

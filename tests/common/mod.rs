@@ -5,9 +5,12 @@
 
 pub mod told;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use bytes::Bytes;
 use graviton::engine::{BlobKey, BlobMeta, Engine, EngineConfig, Error, ListQuery};
+use rand::{RngCore, SeedableRng};
 
 /// A fresh, empty directory for one test, on the target directory's file system (not
 /// /tmp, which may be tmpfs and has no O_DIRECT).
@@ -47,6 +50,28 @@ pub async fn open_engine(config: EngineConfig) -> Engine {
         .await
         .expect("Engine::open panicked")
         .expect("open the engine")
+}
+
+/// `len` random bytes, the same for the same `seed`.
+pub fn random(len: usize, seed: u64) -> Vec<u8> {
+    let mut bytes = vec![0u8; len];
+    rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut bytes);
+    bytes
+}
+
+/// Stores `content` (its size declared, no attributes), sent in 1 MiB chunks; its key.
+pub async fn put(engine: &Engine, content: &[u8]) -> BlobKey {
+    let mut upload = engine
+        .upload(Some(content.len() as u64), BTreeMap::new())
+        .await
+        .expect("upload");
+    for piece in content.chunks(1 << 20) {
+        upload
+            .write(Bytes::copy_from_slice(piece))
+            .await
+            .expect("write");
+    }
+    upload.complete(None).await.expect("complete").key
 }
 
 /// The whole blob, read through the engine.
