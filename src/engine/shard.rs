@@ -58,9 +58,16 @@ use super::{EngineConfig, ShardStatus};
 
 /// Writes of one upload in flight at once.
 const WRITES_IN_FLIGHT: usize = 8;
-/// Reads (of up to 1 MiB) of one stream in flight at once. A single 1 GiB gRPC download
-/// measured 530–710 MiB/s with 2, 750–820 with 4 and 720–745 with 8 (BENCHMARKS.md).
+/// Reads (of up to 1 MiB) of one stream in flight that wait for a read buffer when the
+/// shard's pool has none free: the depth every stream gets, however busy the shard.
 const READS_IN_FLIGHT: usize = 4;
+/// Reads of one stream in flight at most: those beyond [`READS_IN_FLIGHT`] start only
+/// with a buffer free at once while more than half the shard's read pool is free
+/// ([`read_ahead`]), so a lone stream reads deeper and many streams share the pool as
+/// before. Measured (BENCHMARKS.md §1, 2026-12-06): the engine read one 4 GiB blob at
+/// 1,761–2,172 MiB/s with 4 in flight, 2,288–2,404 with 8, 2,372–2,445 with 16; through
+/// gRPC, where the transport is the limit, 1 GiB downloads showed no difference.
+const READS_IN_FLIGHT_MAX: usize = 8;
 /// Streams up to this size are read with one small buffer.
 const SMALL_READ_BYTES: u64 = 64 * 1024;
 /// Compaction asks owners to journal its moves once this many blobs were copied…
@@ -721,14 +728,29 @@ impl<D: Disk> Shard<D> {
         let mut reads: VecDeque<monoio::task::JoinHandle<Result<(u64, AlignedBuf)>>> =
             VecDeque::new();
         loop {
-            while unit < end && reads.len() < READS_IN_FLIGHT {
+            while unit < end {
+                let buf = match read_ahead(
+                    reads.len(),
+                    self.read_pool.available(),
+                    self.config.read_buffers,
+                ) {
+                    ReadAhead::Wait => None, // the task waits for its buffer
+                    ReadAhead::IfFree => match self.read_pool.try_take() {
+                        Some(buf) => Some(buf),
+                        None => break,
+                    },
+                    ReadAhead::Deep => break,
+                };
                 let shard = self.clone();
                 let (entry, files) = (entry.clone(), files.clone());
                 let next = (round_down_u64(unit, UNIT_BYTES) + UNIT_BYTES).min(read_end);
                 let len = next - unit;
                 let at = unit;
                 reads.push_back(monoio::spawn(async move {
-                    let buf = shard.read_pool.take().await;
+                    let buf = match buf {
+                        Some(buf) => buf,
+                        None => shard.read_pool.take().await,
+                    };
                     let buf = shard
                         .read_stream(&entry.location, &files, at, len, buf)
                         .await?;
@@ -1102,6 +1124,28 @@ impl<D: Disk> OpenFiles<D> {
     }
 }
 
+/// Whether a stream's read loop starts another read, with `in_flight` reads of its own
+/// running and `free` of the shard's `pool` read buffers free.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ReadAhead {
+    /// Start it; it waits for a buffer if none is free.
+    Wait,
+    /// Start it only with a buffer taken at once.
+    IfFree,
+    /// Deep enough: wait for the oldest read first.
+    Deep,
+}
+
+fn read_ahead(in_flight: usize, free: usize, pool: usize) -> ReadAhead {
+    if in_flight < READS_IN_FLIGHT {
+        ReadAhead::Wait
+    } else if in_flight < READS_IN_FLIGHT_MAX && free > pool / 2 {
+        ReadAhead::IfFree
+    } else {
+        ReadAhead::Deep
+    }
+}
+
 fn distinct_segments(location: &Location) -> Vec<SegmentId> {
     let mut segments: Vec<SegmentId> = location.extents.iter().map(|e| e.segment).collect();
     segments.dedup();
@@ -1315,6 +1359,25 @@ impl<S: std::ops::Deref<Target = Shard<D>>, D: Disk> StreamWriterOf<S, D> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every stream keeps its guaranteed depth whatever the pool holds; it goes deeper
+    /// only while more than half the pool is free, and never past the maximum.
+    #[test]
+    fn reads_go_deeper_only_while_the_pool_is_mostly_free() {
+        for in_flight in 0..READS_IN_FLIGHT {
+            for free in [0, 1, 32, 64] {
+                assert_eq!(read_ahead(in_flight, free, 64), ReadAhead::Wait);
+            }
+        }
+        for in_flight in READS_IN_FLIGHT..READS_IN_FLIGHT_MAX {
+            assert_eq!(read_ahead(in_flight, 64, 64), ReadAhead::IfFree);
+            assert_eq!(read_ahead(in_flight, 33, 64), ReadAhead::IfFree);
+            assert_eq!(read_ahead(in_flight, 32, 64), ReadAhead::Deep);
+            assert_eq!(read_ahead(in_flight, 0, 64), ReadAhead::Deep);
+        }
+        assert_eq!(read_ahead(READS_IN_FLIGHT_MAX, 64, 64), ReadAhead::Deep);
+        assert_eq!(read_ahead(READS_IN_FLIGHT_MAX + 3, 64, 64), ReadAhead::Deep);
+    }
 
     /// Bytes are admitted no faster than the rate (a lower bound on time, which a sleep
     /// guarantees; no upper bound is asserted), and without a rate at once.
