@@ -556,6 +556,14 @@ async fn ranges_return_exactly_the_asked_bytes() {
         (range(size / 2, None), size / 2..size),
         (range(size - 1, None), size - 1..size),
         (range(size - 10, Some(10)), size - 10..size),
+        // Short ranges across a chunk and across a unit boundary: one and two pieces.
+        (range(64 * 1024 - 3, Some(8)), 64 * 1024 - 3..64 * 1024 + 5),
+        (
+            range(MIB - 100, Some(64 * 1024)),
+            MIB - 100..MIB - 100 + 64 * 1024,
+        ),
+        (range(2 * MIB - 1, Some(2)), 2 * MIB - 1..2 * MIB + 1),
+        (range(MIB, Some(64 * 1024 + 1)), MIB..MIB + 64 * 1024 + 1),
         (range(size, None), size..size),
         (range(size, Some(0)), size..size),
         (range(0, None), 0..size),
