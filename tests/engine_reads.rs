@@ -2,9 +2,10 @@
 //!
 //! A stream of a large blob keeps a guaranteed number of reads in flight, waiting for
 //! pool buffers like every other stream, and reads deeper only with buffers free at once
-//! while more than half the pool is free (`read_ahead` in src/engine/shard.rs). These
-//! tests pin down that every mix of deep and waiting streams, a reader that stops
-//! taking its stream among them, returns each reader its exact bytes in order.
+//! while more than half the pool is free (`read_ahead` in src/engine/shard.rs). This
+//! test pins down that deep streams, streams waiting for buffers and a reader that
+//! stops taking its stream, all on one small pool, return each reader its exact bytes
+//! in order.
 
 mod common;
 
@@ -17,13 +18,16 @@ use common::{put, random, read_all, test_dir};
 
 const MIB: usize = 1 << 20;
 
-fn config(dir: &Path, read_buffers: usize) -> EngineConfig {
+/// A pool this small is mostly taken by one deep stream, so the others wait.
+const READ_BUFFERS: usize = 16;
+
+fn config(dir: &Path) -> EngineConfig {
     let mut config = EngineConfig::new(dir);
     config.shards = 1; // every read shares shard 0's pool
     config.pin_cores = false;
     config.segment_bytes = 16 << 20; // the larger blobs span two segments
     config.compaction_interval = None;
-    config.read_buffers = read_buffers;
+    config.read_buffers = READ_BUFFERS;
     config
 }
 
@@ -41,14 +45,14 @@ async fn read_range(engine: &Engine, key: &BlobKey, offset: u64, length: u64) ->
     bytes
 }
 
-/// Four readers of whole blobs and four of long ranges at once, on a pool of 16
-/// buffers, while a fifth reader holds what it took after its first piece: that one
+/// Four readers of whole blobs and four of long ranges at once, on a pool of
+/// [`READ_BUFFERS`], while a fifth reader holds what it took after its first piece: that one
 /// went deep, the others wait for buffers they give each other back. Then each blob
 /// read alone, deep.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_large_reads_on_a_small_pool_return_exact_bytes() {
     let dir = test_dir("engine-reads", "small-pool");
-    let engine = common::open_engine(config(&dir, 16)).await;
+    let engine = common::open_engine(config(&dir)).await;
     let mut blobs = Vec::new();
     for seed in 0..5u64 {
         // Not a whole number of units or chunks, so the last piece is short.
