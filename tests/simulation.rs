@@ -1,8 +1,9 @@
 //! Deterministic simulation of the storage engine with fault injection.
 //!
 //! Each seed drives one run: the real shard code (three shards, tiny segments and
-//! journals so that rotation, checkpoints and compaction happen often) over the
-//! simulated disk, on one thread. Concurrent clients upload, read, range-read, stat,
+//! journals so that rotation, checkpoints and compaction happen often; one seed in
+//! eight with larger blobs and read pools, so that long reads go deep, see [`Shape`])
+//! over the simulated disk, on one thread. Concurrent clients upload, read, range-read, stat,
 //! list, delete, rotate journals and run compaction passes; in half the lives a
 //! background compactor runs pass after pass as well, so that the power also fails
 //! while compaction is moving blobs and removing segments. The disk injects faults
@@ -54,13 +55,40 @@ const LIVES: usize = 3;
 /// record was in doubt), 707 and 1503 (two compaction passes of one shard at once).
 const REGRESSION_SEEDS: [u64; 3] = [702, 707, 1503];
 
-fn config() -> EngineConfig {
+/// What a seed's engine and blobs look like. One seed in eight (none of the regression
+/// seeds) gives each shard 16 read buffers instead of 6 and blobs of up to 9 MiB instead
+/// of 3, so that reads of long blobs go deeper than their guaranteed reads while faults
+/// and power losses happen (`read_ahead` in src/engine/shard.rs: more than 4 reads in
+/// flight only while more than half the pool is free, which 6 buffers never are). The
+/// other seeds run exactly as before.
+#[derive(Clone, Copy)]
+struct Shape {
+    read_buffers: usize,
+    /// The largest blob of the "spans units and segments" kind.
+    large_bytes: u64,
+}
+
+fn shape(seed: u64) -> Shape {
+    if seed % 8 == 5 {
+        Shape {
+            read_buffers: 16,
+            large_bytes: 9 << 20,
+        }
+    } else {
+        Shape {
+            read_buffers: 6,
+            large_bytes: 3 << 20,
+        }
+    }
+}
+
+fn config(shape: Shape) -> EngineConfig {
     let mut config = EngineConfig::new("/sim");
     config.shards = SHARDS;
     config.segment_bytes = SEGMENT_BYTES;
     config.journal_bytes = 48 * 1024;
     config.write_buffers = 6;
-    config.read_buffers = 6;
+    config.read_buffers = shape.read_buffers;
     config.small_read_buffers = 16;
     config.compaction_interval = None;
     config.compaction_bytes_per_sec = None; // pacing sleeps in real time: not deterministic
@@ -203,13 +231,13 @@ impl Model {
     }
 }
 
-fn random_content(rng: &mut SimRng) -> Vec<u8> {
+fn random_content(rng: &mut SimRng, shape: Shape) -> Vec<u8> {
     let size = match rng.below(10) {
         0 => 0,
         1..=4 => rng.below(5000) + 1,
         5..=7 => rng.below(200_000) + 1,
-        8 => 65536 * (rng.below(3) + 1), // chunk-aligned sizes
-        _ => rng.below(3 << 20) + 1,     // spans units and segments
+        8 => 65536 * (rng.below(3) + 1),       // chunk-aligned sizes
+        _ => rng.below(shape.large_bytes) + 1, // spans units and segments
     };
     let mut content = vec![0u8; size as usize];
     rng.fill(&mut content);
@@ -322,6 +350,7 @@ async fn client(
     mut rng: SimRng,
     operations: u32,
     witness: Witness,
+    shape: Shape,
 ) {
     for _ in 0..operations {
         let choice = rng.below(100);
@@ -332,7 +361,7 @@ async fn client(
                 let pick = rng.below(model.contents.len() as u64) as usize;
                 model.contents.values().nth(pick).expect("in range").clone()
             } else {
-                Rc::new(random_content(&mut rng))
+                Rc::new(random_content(&mut rng, shape))
             };
             let key = BlobKey::of(&content);
             model.borrow_mut().contents.insert(key, content.clone());
@@ -355,7 +384,7 @@ async fn client(
             model.borrow_mut().end(key, outcome);
         } else if choice < 55 {
             // An abandoned upload: some bytes, then the client goes away.
-            let content = random_content(&mut rng);
+            let content = random_content(&mut rng, shape);
             if let Ok(mut upload) = engine
                 .upload(Some(content.len() as u64 + 1), BTreeMap::new())
                 .await
@@ -550,7 +579,7 @@ async fn verify(engine: &Engine, model: &Model, seed: u64, life: usize, rot: boo
 
 /// Bytes of segment files on the simulated disk. Free segments (kept for reuse) are
 /// not counted: each shard may keep up to `free_segments_max`, which this asserts.
-fn segment_bytes_on_disk(disk: &SimDisk) -> u64 {
+fn segment_bytes_on_disk(disk: &SimDisk, shape: Shape) -> u64 {
     let mut total = 0;
     for shard in 0..SHARDS {
         let dir = Path::new("/sim").join(format!("shard-{shard:03}"));
@@ -567,7 +596,7 @@ fn segment_bytes_on_disk(disk: &SimDisk) -> u64 {
             .filter(|name| name.starts_with(graviton::engine::format::FREE_PREFIX))
             .count();
         assert!(
-            free <= config().free_segments_max,
+            free <= config(shape).free_segments_max,
             "shard {shard} keeps {free} free segments"
         );
     }
@@ -583,6 +612,7 @@ fn stream_bytes(size: u64) -> u64 {
 // engine's awaits cannot conflict.
 #[allow(clippy::await_holding_refcell_ref)]
 fn run_seed(seed: u64) -> String {
+    let shape = shape(seed);
     let mut rng = SimRng::new(seed ^ 0x5EED);
     let mut disk = SimDisk::new(seed, faults_for(seed));
     let model = Rc::new(RefCell::new(Model::default()));
@@ -605,7 +635,7 @@ fn run_seed(seed: u64) -> String {
             monoio::spawn(graviton_io::sim::yield_pump());
             // Faults are for the workload; an open that meets one would just be retried.
             life_disk.set_faults_enabled(false);
-            let engine = match Engine::open_local(config(), life_disk.clone()).await {
+            let engine = match Engine::open_local(config(shape), life_disk.clone()).await {
                 Ok(engine) => engine,
                 Err(error) => panic!("seed {seed} life {life}: open failed: {error}"),
             };
@@ -617,6 +647,7 @@ fn run_seed(seed: u64) -> String {
                     SimRng::new(client_seed),
                     40,
                     witness.clone(),
+                    shape,
                 ));
             }
             if let Some(seed) = compactor_seed {
@@ -649,7 +680,7 @@ fn run_seed(seed: u64) -> String {
         let check_model = model.clone();
         runtime.block_on(async move {
             monoio::spawn(graviton_io::sim::yield_pump());
-            let engine = match Engine::open_local(config(), check_disk.clone()).await {
+            let engine = match Engine::open_local(config(shape), check_disk.clone()).await {
                 Ok(engine) => engine,
                 Err(error) => panic!("seed {seed} life {life}: reopen failed: {error}"),
             };
@@ -667,7 +698,7 @@ fn run_seed(seed: u64) -> String {
                 .iter()
                 .map(|key| stream_bytes(check_model.borrow().contents[key].len() as u64))
                 .sum();
-            let on_disk = segment_bytes_on_disk(&check_disk);
+            let on_disk = segment_bytes_on_disk(&check_disk, shape);
             // Compaction leaves segments more than half live, plus the shards' fresh
             // segments holding what it moved; each segment may also waste up to one
             // 1 MiB unit at its end (a blob larger than what is left starts a new
